@@ -1,0 +1,50 @@
+"""build.py: deterministic zip with the right content, accepted by Blender's validator."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import build
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_zip_is_deterministic_and_complete(tmp_path: Path) -> None:
+    a = build.build_zip(tmp_path / "a")
+    b = build.build_zip(tmp_path / "b")
+    assert a.name == "trellis2-0.1.0.zip"
+    assert _sha(a) == _sha(b)
+    names = zipfile.ZipFile(a).namelist()
+    assert names == sorted(names)
+    for required in ("blender_manifest.toml", "__init__.py", "backend/__init__.py", "backend/cli.py",
+                     "kernels/__init__.py"):
+        assert required in names
+    for name in names:
+        parts = name.split("/")
+        assert "__pycache__" not in parts and "tests" not in parts
+        assert not any(p.startswith(".") for p in parts), name
+        assert not name.endswith((".pyc", ".zip"))
+
+
+def test_blender_validator_accepts_zip(tmp_path: Path) -> None:
+    validators = build.blender_validators()
+    versions = {v.parts[-6] for v in validators}
+    assert {"4.2", "5.0"} <= versions, f"expected Blender 4.2 and 5.0 validators, found {versions}"
+    build.validate(build.build_zip(tmp_path))
+
+
+def test_validator_rejects_bad_manifest(tmp_path: Path, monkeypatch) -> None:
+    bad = tmp_path / "blender_manifest.toml"
+    bad.write_text(build.MANIFEST.read_text().replace('version = "0.1.0"', 'version = "0.1"'))
+    monkeypatch.setattr(build, "MANIFEST", bad)
+    zip_path = build.build_zip(tmp_path / "out")
+    try:
+        build.validate(zip_path)
+    except SystemExit as exc:
+        assert "version" in str(exc)
+    else:
+        raise AssertionError("validator accepted version '0.1'")
