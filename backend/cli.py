@@ -16,6 +16,9 @@ from . import __version__
 
 # Subcommand modules (relative to this package). Each defines register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
+    ".pipelines.cli",
+    ".server",
+    ".selftest",
 )
 
 

@@ -17,7 +17,10 @@ from typing import Callable
 import torch
 
 HANDLER_MODULES: tuple[str, ...] = (
+    ".flow_cases",
     ".sampler_cases",
+    ".vae_cases",
+    ".ovoxel_cases",
 )
 
 

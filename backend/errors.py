@@ -1,0 +1,72 @@
+"""Typed errors shared by the pipelines, the CLI and the server.
+
+Every error a user can cause or fix carries a human-readable message (``str(err)``) and a stable
+``code`` the server puts into the protocol so the add-on can react (e.g. offer low-VRAM mode on
+:class:`OutOfMemory`). This module is torch-free.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "Cancelled"]
+
+
+class Trellis2Error(Exception):
+    """Base class of every typed backend error."""
+
+    code: str = "error"
+
+    def __init__(self, message: str, *, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.advice = advice
+
+    def __str__(self) -> str:
+        return self.message if not self.advice else f"{self.message} {self.advice}"
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form for the protocol: ``{code, message, advice}``."""
+        return {"code": self.code, "message": self.message, "advice": self.advice}
+
+
+class BadInput(Trellis2Error, ValueError):
+    """The user's input (image, mesh, parameters) cannot be used; the message says why."""
+
+    code = "bad_input"
+
+
+class MissingWeights(Trellis2Error, FileNotFoundError):
+    """Model files are missing; ``missing`` lists every expected path that was not found."""
+
+    code = "missing_weights"
+
+    def __init__(self, message: str, *, missing: list[str] | None = None, advice: str | None = None) -> None:
+        super().__init__(message, advice=advice)
+        self.missing = list(missing or [])
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["missing"] = self.missing
+        return d
+
+
+class OutOfMemory(Trellis2Error, MemoryError):
+    """The device ran out of memory; ``advice`` suggests what to change."""
+
+    code = "out_of_memory"
+
+    def __init__(self, message: str = "The GPU ran out of memory.", *, stage: str | None = None,
+                 advice: str | None = None) -> None:
+        super().__init__(message, advice=advice or (
+            "Try a lower resolution pipeline (512 or 1024_cascade instead of 1536_cascade), "
+            "enable low-VRAM mode, close other GPU applications, or lower the texture size."))
+        self.stage = stage
+
+
+class Cancelled(Trellis2Error):
+    """The job was cancelled by the user (checked at every sampler step and between stages)."""
+
+    code = "cancelled"
+
+    def __init__(self, message: str = "Cancelled.", *, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage

@@ -1,0 +1,1 @@
+"""Network building blocks mirroring ``trellis2/modules`` (sparse tensor/conv, attention, norms, ...)."""

@@ -1,0 +1,347 @@
+"""Submanifold 3×3×3 sparse convolution (official flex_gemm weight layout), pure PyTorch.
+
+Weight ``[C_out, 3, 3, 3, C_in]``: kernel index ``(i, j, l)`` multiplies the neighbour at
+``(x+i-1, y+j-1, z+l-1)`` of the same batch item, i.e. tap ``v = 9i + 3j + l``. The output exists only
+at the input sites; missing neighbours count as zero; bias is added. This is the cross-correlation
+``F.conv3d(dense, w.permute(0, 4, 1, 2, 3), padding=1)`` restricted to the active sites.
+
+Algorithm (default, CPU and GPU):
+
+1. :func:`build_neighbor_map` packs every coordinate into one int64 key (padded by one voxel on every
+   side so ±1 offsets never alias across rows/items), sorts the keys once and finds the 27 neighbours
+   of every voxel with ``searchsorted`` → ``nbr [N, 27]`` (input row or -1). The map is cached in the
+   tensor's ``spatial_cache`` so all convs of one level share it.
+2. :func:`submanifold_conv3d` then runs one of two algorithms (``algorithm=`` or the environment
+   variable ``TRELLIS2_SPARSE_CONV_ALGO``; both chunked to :data:`CHUNK_BYTES` of temporaries):
+
+   * ``"gather"``: im2col — gather ``[M, 27·C_in]`` rows (a zero row stands in for
+     missing neighbours) and do one ``addmm`` per chunk with ``W.reshape(C_out, 27·C_in)``;
+   * ``"pairs"``: per tap, gather only the voxels that *have* that neighbour, multiply by the tap's
+     ``[C_in, C_out]`` slice and ``index_add`` into the output. It skips the missing neighbours
+     (~10 of 27 on surface-like structures), so it does ~35 % fewer FLOPs and is ~2× faster on one
+     CPU thread; but its scatter scales poorly with threads on an oversubscribed CPU (see
+     ``BENCHMARKS.md``);
+   * ``"auto"`` (default) picks between them (see :func:`_auto_algorithm`).
+
+An optional spconv path (``SPARSE_CONV_BACKEND=spconv``, CUDA only, **untested here: spconv is not
+installed in this environment**) is used only if ``spconv.pytorch`` imports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .basic import SparseTensor
+
+__all__ = [
+    "SparseConv3d",
+    "build_neighbor_map",
+    "get_neighbor_map",
+    "submanifold_conv3d",
+    "submanifold_conv3d_rows",
+    "submanifold_conv3d_pairs",
+    "pack_coords",
+    "CHUNK_BYTES",
+    "ALGORITHM",
+]
+
+#: Upper bound (bytes) of the gathered block per chunk. Tunable via ``TRELLIS2_CONV_CHUNK_MB``.
+CHUNK_BYTES: int = int(float(os.environ.get("TRELLIS2_CONV_CHUNK_MB", "32")) * 2**20)
+
+#: Default algorithm: ``"auto"``, ``"gather"`` (im2col) or ``"pairs"`` (per-tap gather/GEMM/scatter).
+#: ``auto`` = ``gather`` on GPU; on CPU ``pairs`` for wide convs (C_in·C_out ≥ 128²) or one thread,
+#: else ``gather`` (measured in BENCHMARKS.md "Sparse convolution").
+ALGORITHM: str = os.environ.get("TRELLIS2_SPARSE_CONV_ALGO", "auto")
+
+
+def _auto_algorithm(feats: torch.Tensor, cin: int, cout: int) -> str:
+    if feats.device.type != "cpu":
+        return "gather"
+    if cin * cout >= 128 * 128 or torch.get_num_threads() == 1:
+        return "pairs"
+    return "gather"
+
+_NBR_KEY = "submconv3_nbr"
+
+#: Offsets of the 27 taps, tap v = 9i + 3j + l  ->  (i-1, j-1, l-1) on (x, y, z).
+_OFFSETS = torch.stack(torch.meshgrid(
+    torch.arange(-1, 2), torch.arange(-1, 2), torch.arange(-1, 2), indexing="ij"), -1).reshape(27, 3)
+
+
+def pack_coords(coords: torch.Tensor, pad: int = 1) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Pack ``(b, x, y, z)`` into monotone int64 keys over a grid padded by ``pad`` on each side.
+
+    The key order equals lexicographic ``(b, x, y, z)`` order. Returns the keys and the padded
+    extents ``(X, Y, Z)`` so that callers can pack shifted coordinates consistently.
+    """
+    c = coords.long()
+    if c.shape[0] == 0:
+        return c.new_zeros(0), (1, 1, 1)
+    lo = c[:, 1:].min(0).values
+    if bool((lo < 0).any()):
+        raise ValueError("sparse coords must be non-negative")
+    ext = (c[:, 1:].max(0).values + 1 + 2 * pad).tolist()
+    X, Y, Z = (int(e) for e in ext)
+    key = ((c[:, 0] * X + (c[:, 1] + pad)) * Y + (c[:, 2] + pad)) * Z + (c[:, 3] + pad)
+    return key, (X, Y, Z)
+
+
+def build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
+    """``[N, 27]`` int32: input row of each voxel's neighbour at tap v, or -1 when absent.
+
+    int32 halves the map's memory (108 MB at 1M voxels); row counts stay far below 2^31.
+    """
+    n = coords.shape[0]
+    device = coords.device
+    if n == 0:
+        return torch.empty(0, 27, dtype=torch.int32, device=device)
+    key, (X, Y, Z) = pack_coords(coords, pad=1)
+    sorted_key, order = torch.sort(key)
+    off = _OFFSETS.to(device)
+    delta = (off[:, 0] * Y + off[:, 1]) * Z + off[:, 2]          # [27] key shift of each tap
+    nbr = torch.full((n, 27), -1, dtype=torch.int32, device=device)
+    rows = torch.arange(n, device=device)
+    nbr[:, 13] = rows.to(torch.int32)
+    # Submanifold symmetry: j is i's neighbour at tap v  <=>  i is j's neighbour at tap 26 - v,
+    # so only the 13 taps before the centre are searched. One tap at a time keeps temporaries O(N).
+    for v in range(13):
+        q = key + delta[v]
+        pos = torch.searchsorted(sorted_key, q).clamp_(max=n - 1)
+        hit = sorted_key[pos] == q
+        i = rows[hit]
+        j = order[pos[hit]]
+        nbr[i, v] = j.to(torch.int32)
+        nbr[j, 26 - v] = i.to(torch.int32)
+    return nbr
+
+
+def get_neighbor_map(x: SparseTensor) -> torch.Tensor:
+    """The cached neighbour map of ``x`` (built on first use)."""
+    return x.get_cache(_NBR_KEY, lambda: build_neighbor_map(x.coords))
+
+
+def _chunk_rows(cin: int, elem: int) -> int:
+    return max(1, CHUNK_BYTES // max(1, 27 * cin * elem))
+
+
+def submanifold_conv3d_rows(
+    feats: torch.Tensor,
+    nbr: torch.Tensor,
+    rows: torch.Tensor | None,
+    weight2d: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Conv output at ``rows`` (all rows when None) for a ``[C_out, 27·C_in]`` weight matrix.
+
+    ``feats [N, C_in]``, ``nbr [N, 27]``; returns ``[len(rows), C_out]``. Chunked so the gathered
+    im2col block never exceeds :data:`CHUNK_BYTES`.
+    """
+    n, cin = feats.shape
+    cout = weight2d.shape[0]
+    m = n if rows is None else rows.shape[0]
+    if m == 0:
+        return feats.new_empty(0, cout)
+    # zero row at index n stands for "no neighbour"
+    padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)
+    wt = weight2d.t()
+    step = _chunk_rows(cin, feats.element_size())
+    if _needs_autograd(feats, weight2d, bias):
+        out = feats.new_empty(m, cout) if m > step else None
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            idx = nbr[s:e] if rows is None else nbr.index_select(0, rows[s:e])
+            idx = torch.where(idx < 0, n, idx.long())
+            cols = padded.index_select(0, idx.reshape(-1)).reshape(e - s, 27 * cin)
+            res = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt
+            if out is None:
+                return res
+            out[s:e] = res
+        return out
+    # inference: one reused im2col buffer, results written in place
+    out = feats.new_empty(m, cout)
+    buf = feats.new_empty(min(m, step) * 27, cin)
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        idx = nbr[s:e] if rows is None else nbr.index_select(0, rows[s:e])
+        idx = torch.where(idx < 0, n, idx.long()).reshape(-1)
+        cols = torch.index_select(padded, 0, idx, out=buf[:idx.shape[0]]).view(e - s, 27 * cin)
+        if bias is not None:
+            torch.addmm(bias, cols, wt, out=out[s:e])
+        else:
+            torch.mm(cols, wt, out=out[s:e])
+    return out
+
+
+def _needs_autograd(*ts: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def submanifold_conv3d_pairs(
+    feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Per-tap gather → GEMM → ``index_add`` over the existing neighbour pairs only.
+
+    Without autograd the gathered rows and the GEMM result go to two reused buffers (``out=``),
+    which avoids ~50 large allocations (and their page faults) per conv.
+    """
+    n, cin = feats.shape
+    cout = weight.shape[0]
+    w = weight.to(feats.dtype).reshape(cout, 27, cin)
+    grad = _needs_autograd(feats, weight, bias)
+    # the centre tap pairs every voxel with itself: a plain GEMM initialises the output
+    out = feats @ w[:, 13].t()
+    if bias is not None:
+        out += bias.to(feats.dtype)
+    step = max(1, CHUNK_BYTES // max(1, (cin + cout) * feats.element_size()))
+    m = min(n, step)
+    gbuf = None if grad else feats.new_empty(m, cin)
+    ybuf = None if grad else feats.new_empty(m, cout)
+    for v in range(27):
+        if v == 13:
+            continue
+        col = nbr[:, v]
+        rows = torch.nonzero(col >= 0).squeeze(1)
+        if rows.numel() == 0:
+            continue
+        src = col.index_select(0, rows).long()
+        wt = w[:, v].t()
+        for s in range(0, rows.shape[0], step):
+            r, j = rows[s:s + step], src[s:s + step]
+            if grad:
+                out.index_add_(0, r, feats.index_select(0, j) @ wt)
+            else:
+                k = r.shape[0]
+                g = torch.index_select(feats, 0, j, out=gbuf[:k])
+                out.index_add_(0, r, torch.mm(g, wt, out=ybuf[:k]))
+    return out
+
+
+def submanifold_conv3d(
+    feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    algorithm: str | None = None,
+) -> torch.Tensor:
+    """Submanifold conv of ``feats [N, C_in]`` with ``weight [C_out, 3, 3, 3, C_in]`` over ``nbr``.
+
+    ``algorithm``: ``"auto"``, ``"gather"`` (im2col) or ``"pairs"``; default :data:`ALGORITHM`.
+    """
+    cout, cin = weight.shape[0], weight.shape[-1]
+    if feats.shape[1] != cin:
+        raise ValueError(f"conv expects {cin} input channels, got {feats.shape[1]}")
+    algo = algorithm or ALGORITHM
+    if algo == "auto":
+        algo = _auto_algorithm(feats, cin, cout)
+    if algo == "pairs":
+        return submanifold_conv3d_pairs(feats, nbr, weight, bias)
+    if algo != "gather":
+        raise ValueError(f"unknown sparse conv algorithm {algo!r}")
+    w2 = weight.to(feats.dtype).reshape(cout, 27 * cin)
+    b = bias.to(feats.dtype) if bias is not None else None
+    return submanifold_conv3d_rows(feats, nbr, None, w2, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Optional spconv path (CUDA only). UNTESTED in this project's CI: spconv is not installed here.
+# --------------------------------------------------------------------------------------------
+_SPCONV: Any = None
+_SPCONV_CHECKED = False
+
+
+def _spconv_module() -> Any:
+    """``spconv.pytorch`` if importable and selected with ``SPARSE_CONV_BACKEND=spconv``, else None."""
+    global _SPCONV, _SPCONV_CHECKED
+    if not _SPCONV_CHECKED:
+        _SPCONV_CHECKED = True
+        if os.environ.get("SPARSE_CONV_BACKEND", "torch").lower() == "spconv":
+            try:  # pragma: no cover - not installed in CI
+                import spconv.pytorch as spconv_pt  # type: ignore[import-not-found]
+                _SPCONV = spconv_pt
+            except Exception:  # noqa: BLE001
+                _SPCONV = None
+    return _SPCONV
+
+
+def _spconv_forward(conv: "SparseConv3d", x: SparseTensor) -> torch.Tensor:  # pragma: no cover
+    """UNTESTED: run the conv with spconv's SubMConv3d (KRSC weight = our layout, same taps)."""
+    sp = _SPCONV
+    key = "spconv_indice_key"
+    ikey = x.get_cache(key, lambda: f"subm{id(x.coords)}")
+    spatial = (x.coords[:, 1:].max(0).values + 1).tolist()
+    t = sp.SparseConvTensor(x.feats, x.coords, spatial, x.batch_size)
+    if x.get_cache("spconv_indice_dict") is not None:
+        t.indice_dict = x.get_cache("spconv_indice_dict")
+    mod = conv.__dict__.get("_spconv_impl")
+    if mod is None:
+        mod = sp.SubMConv3d(conv.in_channels, conv.out_channels, 3, bias=conv.bias is not None,
+                            indice_key=ikey)
+        conv.__dict__["_spconv_impl"] = mod
+    mod.indice_key = ikey
+    mod.weight = conv.weight  # same [C_out, 3, 3, 3, C_in] layout
+    mod.bias = conv.bias
+    y = mod(t)
+    x.spatial_cache["spconv_indice_dict"] = y.indice_dict
+    return y.features
+
+
+class SparseConv3d(nn.Module):
+    """Submanifold 3×3×3 conv on a :class:`SparseTensor`; parameters ``weight [C_out,3,3,3,C_in]``, ``bias``.
+
+    Only ``kernel_size=3, stride=1, dilation=1, padding=None`` (all TRELLIS.2 uses) is supported.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 dilation: int = 1, padding: Any = None, bias: bool = True,
+                 indice_key: str | None = None) -> None:
+        super().__init__()
+        if kernel_size != 3 or stride != 1 or dilation != 1 or padding is not None:
+            raise NotImplementedError("only submanifold 3x3x3, stride 1 sparse conv is implemented")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.weight = nn.Parameter(torch.empty(out_channels, 3, 3, 3, in_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:
+            return
+        fan_in = 27 * self.in_channels
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if x.device.type == "cuda" and _spconv_module() is not None:  # pragma: no cover
+            return x.replace(_spconv_forward(self, x))
+        return x.replace(submanifold_conv3d(x.feats, get_neighbor_map(x), self.weight, self.bias))
+
+    def forward_children(self, x: SparseTensor, parent: torch.Tensor, child: torch.Tensor) -> torch.Tensor:
+        """Channel-to-space-aware conv: outputs only the kept children's channel slices.
+
+        For a conv with ``C_out = 8·c`` followed by channel-to-space, child ``(parent[j], child[j])``
+        needs only output channels ``[k·c, (k+1)·c)`` at row ``parent[j]``. This computes exactly those
+        (``[len(parent), c]``), skipping the pruned children's share of the matmul (early pruning).
+        """
+        cout, cin = self.out_channels, self.in_channels
+        if cout % 8:
+            raise ValueError("forward_children needs C_out divisible by 8")
+        c = cout // 8
+        nbr = get_neighbor_map(x)
+        feats = x.feats
+        w = self.weight.to(feats.dtype).reshape(8, c, 27 * cin)
+        b = self.bias.to(feats.dtype).reshape(8, c) if self.bias is not None else None
+        out = feats.new_empty(parent.shape[0], c)
+        for k in range(8):
+            sel = torch.nonzero(child == k).squeeze(1)
+            if sel.numel() == 0:
+                continue
+            out[sel] = submanifold_conv3d_rows(feats, nbr, parent.index_select(0, sel), w[k],
+                                               b[k] if b is not None else None)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=3 (submanifold)"

@@ -1,0 +1,189 @@
+"""``trellis2 generate | texture | upscale | make-tiny`` (registration is torch-free).
+
+Examples::
+
+    trellis2 generate photo.png -o out.glb --model ~/models/TRELLIS.2-4B --pipeline 1024_cascade --seed 7
+    trellis2 texture mesh.glb photo.png -o textured.glb --model ~/models/TRELLIS.2-4B
+    trellis2 upscale JOB_DIR -o out_1536.glb --model ~/models/TRELLIS.2-4B
+    trellis2 make-tiny /tmp/tiny            # random tiny checkpoints in the official layout (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+_STAGES = ("sparse_structure", "shape_slat", "tex_slat")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "--model-dir", dest="model_dir", required=True,
+                   help="pipeline folder (pipeline.json, texturing_pipeline.json, ckpts/)")
+    p.add_argument("--dinov3-dir", help="DINOv3 ViT-L/16 folder (config.json + model.safetensors)")
+    p.add_argument("--ss-decoder-dir", help="folder with ss_dec_conv3d_16l8_fp16.json/.safetensors (TRELLIS v1)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--low-vram", action="store_true", help="keep only the running stage's model on the GPU")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--texture-size", type=int, default=2048)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    for st in _STAGES:
+        flag = st.replace("_", "-")
+        p.add_argument(f"--{flag}-steps", type=int, help=f"{st} sampler steps")
+        p.add_argument(f"--{flag}-guidance", type=float, help=f"{st} guidance strength")
+        p.add_argument(f"--{flag}-rescale", type=float, help=f"{st} guidance rescale")
+
+
+def _stage_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for st in _STAGES:
+        d = {"steps": getattr(args, f"{st}_steps"), "guidance_strength": getattr(args, f"{st}_guidance"),
+             "guidance_rescale": getattr(args, f"{st}_rescale")}
+        d = {k: v for k, v in d.items() if v is not None}
+        if d:
+            out[st] = d
+    return out
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+
+    def report(stage: str, step: int, total: int, elapsed: float) -> None:
+        print(f"\r[{elapsed:7.1f}s] {stage:18s} {step}/{total}", end="\n" if step == total else "",
+              file=sys.stderr, flush=True)
+
+    return report
+
+
+def _open(args: argparse.Namespace, texturing_only: bool = False):
+    from . import load_pipeline
+
+    return load_pipeline(args.model_dir, dinov3_dir=args.dinov3_dir, ss_decoder_dir=args.ss_decoder_dir,
+                         device=args.device, low_vram=args.low_vram, texturing_only=texturing_only)
+
+
+def _run(fn) -> int:
+    from ..errors import Trellis2Error
+
+    try:
+        return fn()
+    except Trellis2Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _export_generation(res, args: argparse.Namespace, device=None) -> None:
+    from .export import generation_to_textured_mesh, write_glb
+
+    v, f, uv, base, mr = generation_to_textured_mesh(res, texture_size=args.texture_size,
+                                                     decimate=getattr(args, "decimate", None), device=device)
+    write_glb(args.output, v, f, uv, base, mr)
+    if getattr(args, "save_job", None):
+        res.state.save(args.save_job)
+    print(f"wrote {args.output}: {len(v)} vertices, {len(f)} faces, resolution {res.resolution}, "
+          f"{res.num_voxels} voxels", file=sys.stderr)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    def go() -> int:
+        pipe = _open(args)
+        t = time.perf_counter()
+        res = pipe.generate(args.image, args.pipeline, seed=args.seed, stage_params=_stage_params(args),
+                            progress=_progress(args.quiet))
+        _export_generation(res, args, pipe.device)
+        print(f"done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+        return 0
+
+    return _run(go)
+
+
+def _cmd_upscale(args: argparse.Namespace) -> int:
+    def go() -> int:
+        from . import JobState
+
+        state = JobState.load(args.job_dir)
+        pipe = _open(args)
+        res = pipe.upscale(state, stage_params=_stage_params(args), progress=_progress(args.quiet))
+        _export_generation(res, args, pipe.device)
+        return 0
+
+    return _run(go)
+
+
+def _cmd_texture(args: argparse.Namespace) -> int:
+    def go() -> int:
+        import numpy as np
+        import trimesh
+
+        from ..errors import BadInput
+        from .export import write_glb
+
+        try:
+            loaded = trimesh.load(args.mesh, force="mesh", process=False)
+        except Exception as e:  # trimesh raises many types for bad files
+            raise BadInput(f"{args.mesh}: cannot read mesh: {e}") from e
+        v = np.asarray(loaded.vertices)
+        f = np.asarray(loaded.faces)
+        uv = getattr(loaded.visual, "uv", None)
+        uv = None if uv is None or len(uv) != len(v) else np.asarray(uv)
+        y_up = Path(args.mesh).suffix.lower() in (".glb", ".gltf", ".obj", ".ply", ".stl") and not args.z_up
+        pipe = _open(args, texturing_only=True)
+        res = pipe.texture(v, f, args.image, uvs=uv, y_up=y_up, seed=args.seed, resolution=args.resolution,
+                           texture_size=args.texture_size, stage_params=_stage_params(args),
+                           progress=_progress(args.quiet))
+        # the GLB keeps the input's own frame and scale (only the textures are new)
+        write_glb(args.output, res.vertices, res.faces, res.uvs, res.base_color, res.metallic_roughness,
+                  z_up=not y_up)
+        print(f"wrote {args.output}: {len(res.vertices)} vertices, UVs {'created' if res.uv_created else 'kept'}, "
+              f"coverage {res.coverage:.1%}", file=sys.stderr)
+        return 0
+
+    return _run(go)
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import write_tiny_pipeline
+
+    path = write_tiny_pipeline(args.folder, seed=args.seed)
+    print(f"wrote tiny pipeline to {path}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``generate``, ``texture``, ``upscale`` and ``make-tiny``."""
+    p = subparsers.add_parser("generate", help="image → textured GLB")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="output .glb")
+    p.add_argument("--pipeline", default=None, choices=("512", "1024", "1024_cascade", "1536_cascade"),
+                   help="pipeline type (default: pipeline.json's default_pipeline_type)")
+    p.add_argument("--decimate", type=int, default=None, help="target face count")
+    p.add_argument("--save-job", help="folder to save the job state into (for `trellis2 upscale`)")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = subparsers.add_parser("texture", help="texture an existing mesh from an image → GLB")
+    p.add_argument("mesh")
+    p.add_argument("image")
+    p.add_argument("-o", "--output", required=True, help="output .glb")
+    p.add_argument("--resolution", type=int, default=1024, choices=(512, 1024, 1536))
+    p.add_argument("--z-up", action="store_true", help="the mesh file is already Z-up")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_texture)
+
+    p = subparsers.add_parser("upscale", help="1536 cascade from a saved job folder → GLB")
+    p.add_argument("job_dir")
+    p.add_argument("-o", "--output", required=True, help="output .glb")
+    p.add_argument("--decimate", type=int, default=None, help="target face count")
+    p.add_argument("--save-job", help="folder to save the new job state into")
+    _add_model_args(p)
+    p.set_defaults(func=_cmd_upscale)
+
+    p = subparsers.add_parser("make-tiny", help="write tiny random checkpoints in the official layout")
+    p.add_argument("folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny)

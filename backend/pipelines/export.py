@@ -1,0 +1,110 @@
+"""GLB export of pipeline results (trimesh): PBR material, Z-up → glTF Y-up, atomic writes.
+
+``generation_to_textured_mesh`` turns a :class:`GenerationResult` into a UV-mapped mesh with baked
+textures (optional decimation, xatlas unwrap, UV-space bake of the voxel attributes);
+``write_glb`` writes any ``(vertices, faces, per-corner UVs, base colour, metallicRoughness)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadInput
+
+__all__ = ["write_glb", "generation_to_textured_mesh", "split_corner_uvs"]
+
+
+def split_corner_uvs(faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-corner UVs → per-vertex: ``(vertex_map [V'], faces' [F, 3], uvs' [V', 2])``.
+
+    A vertex is duplicated once per distinct UV it has (seams), as glTF requires.
+    """
+    f = np.asarray(faces, np.int64).reshape(-1)
+    u = np.asarray(uv, np.float64).reshape(-1, 2)
+    key = np.concatenate([f[:, None].astype(np.float64), np.round(u, 7)], axis=1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    return uniq[:, 0].astype(np.int64), inv.reshape(-1, 3).astype(np.int64), uniq[:, 1:3]
+
+
+def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray,
+              base_color: np.ndarray, metallic_roughness: np.ndarray, *, z_up: bool = True,
+              name: str = "trellis2") -> Path:
+    """Write a binary glTF with one PBR material; returns the path.
+
+    Args:
+        vertices: ``[V, 3]`` (Z-up TRELLIS/Blender frame when ``z_up``: converted ``(x, y, z) → (x, z, −y)``).
+        faces: ``[F, 3]``; uv: ``[F, 3, 2]`` per corner or ``[V, 2]`` per vertex (``v`` up).
+        base_color: ``uint8 [H, W, 4]`` RGBA; alphaMode BLEND when some alpha < 250, else OPAQUE.
+        metallic_roughness: ``uint8 [H, W, 3]`` (G = roughness, B = metallic).
+
+    The file is written to a temporary name next to ``path`` and renamed, so a failure never leaves a
+    partial file.
+    """
+    import trimesh
+
+    v = np.asarray(vertices, np.float64)
+    f = np.asarray(faces, np.int64)
+    uv = np.asarray(uv, np.float64)
+    if uv.ndim == 3:
+        vmap, f, uvv = split_corner_uvs(f, uv)
+        v = v[vmap]
+    else:
+        uvv = uv
+    if z_up:
+        v = np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
+    alpha_varies = bool((np.asarray(base_color)[..., 3] < 250).any())
+    material = trimesh.visual.material.PBRMaterial(
+        name=f"{name}_material",
+        baseColorTexture=Image.fromarray(np.ascontiguousarray(base_color), "RGBA"),
+        metallicRoughnessTexture=Image.fromarray(np.ascontiguousarray(metallic_roughness), "RGB"),
+        metallicFactor=1.0, roughnessFactor=1.0, alphaMode="BLEND" if alpha_varies else "OPAQUE",
+        doubleSided=False)
+    mesh = trimesh.Trimesh(vertices=v, faces=f, process=False,
+                           visual=trimesh.visual.TextureVisuals(uv=uvv, material=material))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = trimesh.Scene({name: mesh}).export(file_type="glb")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int | None = None, device=None
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mesh + baked textures of a :class:`GenerationResult`: ``(vertices, faces, uv [F,3,2], base, mr)``.
+
+    ``decimate``: target face count (quadric decimation through trimesh, needs the
+    ``fast-simplification`` package); the UVs are made with xatlas; ``device`` is where the
+    attribute sampling runs (the pipeline's device).
+    """
+    from .bake import bake_pbr, unwrap_uvs
+
+    v, f = np.asarray(result.vertices, np.float64), np.asarray(result.faces, np.int64)
+    if f.shape[0] == 0:
+        raise BadInput("the generated shape has no faces (nothing to export); try another seed or image.")
+    if decimate and f.shape[0] > decimate:
+        import trimesh
+
+        try:
+            m = trimesh.Trimesh(v, f, process=False).simplify_quadric_decimation(face_count=int(decimate))
+        except (ImportError, ModuleNotFoundError) as e:
+            raise BadInput("decimation needs the 'fast-simplification' package (pip install fast-simplification); "
+                           "run without --decimate.") from e
+        v, f = np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+    vmap, f2, uvs = unwrap_uvs(v, f)
+    v2 = v[vmap]
+    uv = uvs[f2]
+    base, mr, _ = bake_pbr(v2, f2, uv, result.coords, result.attrs, result.resolution, int(texture_size), device)
+    return v2.astype(np.float32), f2.astype(np.int32), uv.astype(np.float32), base, mr

@@ -1,0 +1,204 @@
+"""Pipeline folder resolution and lazy, device-aware model management.
+
+A pipeline folder has the official Hugging Face layout::
+
+    pipeline.json               {"name": "Trellis2ImageTo3DPipeline", "args": {"models": {...}, ...}}
+    texturing_pipeline.json     {"name": "Trellis2TexturingPipeline", "args": {...}}
+    ckpts/<stem>.json + ckpts/<stem>.safetensors
+
+``models.sparse_structure_decoder`` points at the TRELLIS v1 repository
+(``microsoft/TRELLIS-image-large/ckpts/ss_dec_conv3d_16l8_fp16``); it is looked up by file stem in
+``ss_decoder_dir`` (default: ``<model_dir>/ckpts``, then ``<model_dir>/../TRELLIS-image-large/ckpts``).
+DINOv3 lives in ``dinov3_dir`` (``model.safetensors`` + ``config.json``; default ``<model_dir>/dinov3``,
+then ``<model_dir>/../dinov3-vitl16-pretrain-lvd1689m``).
+
+Nothing is loaded until a stage needs it. With ``low_vram`` each model is moved to the GPU only for
+its stage and back to the CPU right after (with ``torch.cuda.empty_cache``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import BadInput, MissingWeights
+
+__all__ = ["PipelineConfig", "ModelManager", "resolve_device", "IMAGE_TO_3D_MODELS", "TEXTURING_MODELS"]
+
+IMAGE_TO_3D_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "shape_slat_flow_model_512",
+                      "shape_slat_flow_model_1024", "shape_slat_decoder", "tex_slat_flow_model_512",
+                      "tex_slat_flow_model_1024", "tex_slat_decoder")
+TEXTURING_MODELS = ("shape_slat_encoder", "tex_slat_decoder", "tex_slat_flow_model_512", "tex_slat_flow_model_1024")
+DINOV3_KEY = "image_cond_model"
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → first CUDA device if available else CPU; otherwise ``torch.device(device)``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu.")
+    return dev
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise BadInput(f"{path}: malformed JSON ({e}).") from e
+    if not isinstance(data, dict) or not isinstance(data.get("args"), dict):
+        raise BadInput(f"{path}: expected {{'name': ..., 'args': {{...}}}}.")
+    return data
+
+
+@dataclass
+class PipelineConfig:
+    """Everything read from the folder: model checkpoint stems, sampler configs, normalisations."""
+
+    model_dir: Path
+    args: dict[str, Any]                 # pipeline.json args (or texturing args when texturing_only)
+    tex_args: dict[str, Any] | None      # texturing_pipeline.json args
+    checkpoints: dict[str, Path]         # model key -> checkpoint stem (no extension)
+    dinov3_dir: Path | None
+    resolution_scale: float = 1.0
+
+    @classmethod
+    def open(cls, model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike | None = None,
+             ss_decoder_dir: str | os.PathLike | None = None, texturing_only: bool = False) -> "PipelineConfig":
+        """Resolve every file; :class:`MissingWeights` lists *all* missing ones in one message."""
+        root = Path(model_dir).expanduser()
+        missing: list[str] = []
+        if not root.is_dir():
+            raise MissingWeights(f"Model folder not found: {root}", missing=[str(root)],
+                                 advice="Download microsoft/TRELLIS.2-4B into it (pipeline.json, "
+                                        "texturing_pipeline.json, ckpts/).")
+        pj, tj = root / "pipeline.json", root / "texturing_pipeline.json"
+        args: dict[str, Any] | None = None
+        tex_args: dict[str, Any] | None = None
+        if not texturing_only:
+            if pj.is_file():
+                args = _read_json(pj)["args"]
+            else:
+                missing.append(f"{pj}  (pipeline config)")
+        if tj.is_file():
+            tex_args = _read_json(tj)["args"]
+        elif texturing_only:
+            missing.append(f"{tj}  (texturing pipeline config)")
+        wanted: dict[str, str] = {}
+        if args is not None:
+            for key in IMAGE_TO_3D_MODELS:
+                v = args.get("models", {}).get(key)
+                if v is None:
+                    missing.append(f"pipeline.json: models.{key} (entry absent)")
+                else:
+                    wanted[key] = v
+        if tex_args is not None:
+            for key in TEXTURING_MODELS:
+                v = tex_args.get("models", {}).get(key)
+                if v is not None:
+                    wanted.setdefault(key, v)
+                elif texturing_only:
+                    missing.append(f"texturing_pipeline.json: models.{key} (entry absent)")
+        ss_dirs = [Path(ss_decoder_dir).expanduser()] if ss_decoder_dir else \
+            [root / "ckpts", root.parent / "TRELLIS-image-large" / "ckpts", root / "TRELLIS-image-large" / "ckpts"]
+        checkpoints: dict[str, Path] = {}
+        for key, rel in wanted.items():
+            candidates = [root / rel]
+            if key == "sparse_structure_decoder":
+                candidates = [d / Path(rel).name for d in ss_dirs] + candidates
+            found = next((c for c in candidates if Path(f"{c}.json").is_file() and Path(f"{c}.safetensors").is_file()),
+                         None)
+            if found is None:
+                where = " or ".join(f"{c}.json/.safetensors" for c in candidates[:2])
+                missing.append(f"{key}: {where}")
+            else:
+                checkpoints[key] = found
+        dino_candidates = [Path(dinov3_dir).expanduser()] if dinov3_dir else \
+            [root / "dinov3", root.parent / "dinov3-vitl16-pretrain-lvd1689m", root / "dinov3-vitl16-pretrain-lvd1689m"]
+        dino = next((d for d in dino_candidates if (d / "model.safetensors").is_file() and (d / "config.json").is_file()),
+                    None)
+        if dino is None:
+            missing.append("DINOv3 (facebook/dinov3-vitl16-pretrain-lvd1689m): config.json + model.safetensors in "
+                           + " or ".join(str(d) for d in dino_candidates[:2]))
+        if missing:
+            raise MissingWeights(
+                "The TRELLIS.2 model folder is incomplete. Missing:\n  - " + "\n  - ".join(missing),
+                missing=missing,
+                advice="Download microsoft/TRELLIS.2-4B, the TRELLIS v1 ss_dec_conv3d_16l8_fp16 checkpoint and "
+                       "DINOv3 ViT-L/16 into the folders above (or set their folders explicitly).")
+        main_args = args if args is not None else tex_args
+        assert main_args is not None
+        scale = float(main_args.get("resolution_scale", 1.0))
+        return cls(root, main_args, tex_args, checkpoints, dino, scale)
+
+    def sampler_cfg(self, name: str) -> dict[str, Any]:
+        """``*_sampler`` entry (tex sampler falls back to texturing_pipeline.json)."""
+        for a in (self.args, self.tex_args or {}):
+            if name in a:
+                return a[name]
+        raise BadInput(f"{self.model_dir}: no {name} in the pipeline configs.")
+
+    def normalization(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean [1, C], std [1, C])`` float32 of ``shape_slat_normalization`` / ``tex_slat_normalization``."""
+        for a in (self.args, self.tex_args or {}):
+            if name in a:
+                n = a[name]
+                return (torch.tensor(n["mean"], dtype=torch.float32)[None],
+                        torch.tensor(n["std"], dtype=torch.float32)[None])
+        raise BadInput(f"{self.model_dir}: no {name} in the pipeline configs.")
+
+
+class ModelManager:
+    """Lazily loaded models with low-VRAM placement.
+
+    ``loaders`` maps a model key to ``fn(device) -> nn.Module`` (built and loaded on ``device``).
+    """
+
+    def __init__(self, loaders: dict[str, Callable[[torch.device], nn.Module]], device: torch.device,
+                 low_vram: bool) -> None:
+        self.loaders = loaders
+        self.device = device
+        self.low_vram = low_vram and device.type != "cpu"
+        self.models: dict[str, nn.Module] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self.loaders
+
+    def get(self, key: str) -> nn.Module:
+        """The model (loading it on first use, directly onto the compute device)."""
+        m = self.models.get(key)
+        if m is None:
+            if key not in self.loaders:
+                raise BadInput(f"model {key!r} is not part of this pipeline folder.")
+            m = self.loaders[key](self.device)
+            m.eval()
+            self.models[key] = m
+        return m
+
+    @contextlib.contextmanager
+    def use(self, key: str) -> Iterator[nn.Module]:
+        """Model on the compute device for the duration of a stage (moved back in low-VRAM mode)."""
+        m = self.get(key)
+        if self.low_vram:
+            m.to(self.device)
+        try:
+            yield m
+        finally:
+            if self.low_vram:
+                m.to("cpu")
+                torch.cuda.empty_cache()
+
+    def unload(self, key: str | None = None) -> None:
+        """Drop one (or every) loaded model."""
+        for k in ([key] if key else list(self.models)):
+            self.models.pop(k, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

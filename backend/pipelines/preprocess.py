@@ -1,0 +1,200 @@
+"""Image loading and preprocessing exactly as the official ``preprocess_image`` (spec §2.1).
+
+* RGBA with a real alpha (some value < 255) is used as is; everything else goes through background
+  removal: a model-based remover when one is configured (:class:`BackgroundRemover`), else the
+  built-in keyer for plain backgrounds (flood fill from the border). Palette / LA images carrying
+  transparency are converted to RGBA first.
+* Downscale to ``max side ≤ 1024`` (LANCZOS), square crop on the ``alpha > 0.8`` box (no margin,
+  PIL rounding), premultiply onto black, result RGB ``uint8``.
+* Guards: unreadable / corrupt files, decompression bombs (> :data:`MAX_PIXELS`), fully transparent
+  images → :class:`BadInput`.
+
+This module is torch-free (numpy + Pillow + scipy).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BadInput
+
+__all__ = ["MAX_PIXELS", "BackgroundRemover", "load_image", "has_real_alpha", "key_plain_background",
+           "preprocess_image", "imagenet_tensor"]
+
+#: Largest accepted image (pixels); a 20000×20000 image (400 MPix) is refused before decoding.
+MAX_PIXELS = 16384 * 16384 // 2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BackgroundRemover(Protocol):
+    """A model-based background remover: ``remover(rgb PIL image) -> PIL "L" mask`` of the same size
+    (255 = foreground). The official one is BiRefNet / RMBG-2.0 at 1024², sigmoid of the last output."""
+
+    def __call__(self, image: Image.Image) -> Image.Image: ...
+
+
+def load_image(src: Any) -> Image.Image:
+    """Open and fully decode an image from a path, bytes, PIL image or ``uint8`` array.
+
+    Raises:
+        BadInput: missing / unreadable / corrupt file, or more than :data:`MAX_PIXELS` pixels.
+    """
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        arr = src
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating):
+                arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
+            else:
+                raise BadInput(f"image array must be uint8 or float, got {arr.dtype}.")
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+            raise BadInput(f"image array must be [H, W], [H, W, 3] or [H, W, 4], got {arr.shape}.")
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[..., 0]
+        img = Image.fromarray(np.ascontiguousarray(arr))
+    else:
+        if isinstance(src, (bytes, bytearray)):
+            fp: Any = io.BytesIO(src)
+            name = "<image bytes>"
+        else:
+            name = os.fspath(src)
+            if not Path(name).is_file():
+                raise BadInput(f"image not found: {name}")
+            fp = name
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise BadInput(f"{name}: image is {w}×{h} pixels, more than the {MAX_PIXELS:,} allowed "
+                                   f"(decompression-bomb guard); downscale it first.")
+                img.load()
+        except BadInput:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadInput(f"{name}: image too large (decompression-bomb guard): {e}") from e
+        except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as e:
+            raise BadInput(f"{name}: cannot read image (corrupt or unsupported format): {e}") from e
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise BadInput(f"image is {w}×{h} pixels, more than the {MAX_PIXELS:,} allowed; downscale it first.")
+    if w < 2 or h < 2:
+        raise BadInput(f"image is too small ({w}×{h}).")
+    return img
+
+
+def has_real_alpha(img: Image.Image) -> bool:
+    """Official rule: RGBA and not every alpha value is 255."""
+    if img.mode != "RGBA":
+        return False
+    return bool((np.asarray(img)[:, :, 3] != 255).any())
+
+
+def _to_rgba_if_transparent(img: Image.Image) -> Image.Image:
+    """Palette / LA / PA images with transparency become RGBA (so their alpha is honoured)."""
+    if img.mode in ("LA", "PA") or (img.mode == "P" and "transparency" in img.info) or \
+            (img.mode in ("RGB", "L") and "transparency" in img.info):
+        return img.convert("RGBA")
+    if img.mode not in ("RGB", "RGBA"):
+        return img.convert("RGB")
+    return img
+
+
+def key_plain_background(rgb: np.ndarray, tolerance: float = 24.0, min_border_fraction: float = 0.9
+                         ) -> np.ndarray | None:
+    """Alpha mask for an image on a plain (single-colour) background, or None if it is not one.
+
+    The background colour is the median of the border pixels; the border must be at least
+    ``min_border_fraction`` within ``tolerance`` (Euclidean RGB distance) of it. The background is the
+    set of near-colour pixels **connected to the border** (flood fill, 8-connected), so interior
+    regions of the same colour stay opaque. Edge pixels next to the background get a soft alpha from
+    their colour distance.
+    """
+    from scipy import ndimage
+
+    a = rgb.astype(np.float32)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]], axis=0)
+    bg = np.median(border, axis=0)
+    if (np.linalg.norm(border - bg, axis=1) <= tolerance).mean() < min_border_fraction:
+        return None
+    dist = np.linalg.norm(a - bg, axis=2)
+    near = dist <= tolerance
+    labels, _ = ndimage.label(near, structure=np.ones((3, 3), bool))
+    edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    edge_labels = edge_labels[edge_labels > 0]
+    background = np.isin(labels, edge_labels)
+    alpha = np.full(dist.shape, 255.0, np.float32)
+    alpha[background] = 0.0
+    rim = ndimage.binary_dilation(background, structure=np.ones((3, 3), bool)) & ~background
+    alpha[rim] = np.clip((dist[rim] - tolerance) / (2 * tolerance), 0, 1) * 255
+    return alpha.astype(np.uint8)
+
+
+def _remove_background(rgb_img: Image.Image, remover: BackgroundRemover | None) -> Image.Image:
+    if remover is not None:
+        mask = remover(rgb_img)
+        if mask.size != rgb_img.size:
+            mask = mask.resize(rgb_img.size, Image.Resampling.BICUBIC)
+        out = rgb_img.copy()
+        out.putalpha(mask.convert("L"))
+        return out
+    alpha = key_plain_background(np.asarray(rgb_img))
+    if alpha is None:
+        raise BadInput(
+            "The image has no transparency and its background is not a plain colour, so the object "
+            "cannot be cut out. Provide a PNG with an alpha channel (transparent background), or put "
+            "the object on a plain single-colour background, or configure a background-removal model.")
+    out = rgb_img.copy()
+    out.putalpha(Image.fromarray(alpha, "L"))
+    return out
+
+
+def preprocess_image(src: Any, remover: BackgroundRemover | None = None) -> Image.Image:
+    """Official preprocessing → square, premultiplied-on-black RGB image (PIL, uint8).
+
+    Raises:
+        BadInput: unreadable image, nothing left after background removal, or fully transparent.
+    """
+    img = _to_rgba_if_transparent(load_image(src))
+    alpha_given = has_real_alpha(img)
+    scale = min(1.0, 1024 / max(img.size))
+    if scale < 1:
+        img = img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS)
+    if alpha_given:
+        rgba = img
+    else:
+        rgba = _remove_background(img.convert("RGB"), remover)
+    arr = np.asarray(rgba)
+    alpha = arr[:, :, 3]
+    ys, xs = np.nonzero(alpha > 0.8 * 255)
+    if xs.size == 0:
+        raise BadInput("The image is fully transparent (no pixel with alpha > 80%): there is no object to "
+                       "reconstruct." if alpha_given else
+                       "Background removal left no object in the image.")
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    size = int(max(x1 - x0, y1 - y0))
+    if size < 1:
+        raise BadInput("The visible object is a single pixel; the image cannot be used.")
+    box = (cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2)
+    cropped = np.asarray(rgba.crop(box)).astype(np.float32) / 255
+    out = cropped[:, :, :3] * cropped[:, :, 3:4]
+    return Image.fromarray((out * 255).astype(np.uint8))
+
+
+def imagenet_tensor(img: Image.Image, resolution: int) -> np.ndarray:
+    """DINOv3 input as ``float32 [3, R, R]``: LANCZOS resize, /255, ImageNet normalisation."""
+    im = img.resize((resolution, resolution), Image.Resampling.LANCZOS).convert("RGB")
+    a = np.asarray(im).astype(np.float32) / 255
+    a = (a - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))

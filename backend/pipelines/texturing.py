@@ -1,0 +1,113 @@
+"""Texture-only pipeline (spec §3): mesh + image → PBR textures baked into the mesh's own UVs.
+
+mesh (+ transform) → unit cube (official ``0.99999 / max_extent`` about the bbox centre) → O-Voxel
+shape (codec ``encode_shape``) → shape encoder (mean) → material flow (concat = normalised shape
+latent) → texture decoder on the encoder's own hierarchy (so its voxels are exactly the encoded ones)
+→ per-texel UV rasterisation → barycentric 3D position → codec ``sample_attributes`` (sparse trilinear,
+official renormalisation) → nearest-texel dilation of empty texels → glTF PBR images.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from . import TextureResult
+from ..errors import BadInput
+from ..modules.sparse import SparseTensor
+from .bake import bake_pbr, corner_uvs, unwrap_uvs, validate_mesh
+from .preprocess import preprocess_image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import Trellis2Pipelines, _Run
+
+__all__ = ["run_texturing", "normalize_to_unit_cube"]
+
+TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
+
+
+def normalize_to_unit_cube(v: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Official normalisation: centre on the bbox centre (of used vertices), scale ``0.99999 / max_extent``."""
+    used = v[np.unique(faces)]
+    lo, hi = used.min(0), used.max(0)
+    center = (lo + hi) / 2
+    scale = 0.99999 / float((hi - lo).max())
+    return (v - center) * scale, center, scale
+
+
+def _apply_transform(v: np.ndarray, transform: np.ndarray | None, y_up: bool) -> np.ndarray:
+    if transform is not None:
+        m = np.asarray(transform, np.float64)
+        if m.shape != (4, 4) or not np.isfinite(m).all():
+            raise BadInput(f"transform must be a finite 4×4 matrix, got shape {m.shape}.")
+        v = v @ m[:3, :3].T + m[:3, 3]
+    if y_up:  # glTF/OBJ Y-up → TRELLIS/Blender Z-up: (x, y, z) → (x, −z, y)
+        v = np.stack([v[:, 0], -v[:, 2], v[:, 1]], axis=1)
+    return v
+
+
+@torch.no_grad()
+def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.ndarray, image: Any, *,
+                  uvs: np.ndarray | None, transform: np.ndarray | None, y_up: bool, seed: int, resolution: int,
+                  texture_size: int, stage_params: dict, run: "_Run", preprocess: bool = True) -> TextureResult:
+    """See :meth:`Trellis2Pipelines.texture`."""
+    from .. import ovoxel
+    from .pipeline import _as_rgb
+
+    if resolution not in (512, 1024, 1536):
+        raise BadInput(f"texturing resolution must be 512, 1024 or 1536, got {resolution}.")
+    if int(texture_size) < 16 or int(texture_size) > 8192:
+        raise BadInput(f"texture size must be in [16, 8192], got {texture_size}.")
+    v_in, f_in = validate_mesh(vertices, faces)
+    with run.stage_ctx("preprocess"):
+        if uvs is not None:
+            uv = corner_uvs(uvs, f_in)
+            out_v, out_f, uv_created = np.asarray(vertices, np.float32), np.asarray(faces), False
+            geo_v, geo_f = v_in, f_in
+        else:
+            vmap, out_f, vert_uv = unwrap_uvs(v_in, f_in)
+            out_v = np.asarray(vertices, np.float32)[vmap]
+            geo_v, geo_f = v_in[vmap], out_f
+            uv = vert_uv[out_f]
+            uv_created = True
+        world = _apply_transform(geo_v, transform, y_up)
+        unit, center, scale = normalize_to_unit_cube(world, geo_f)
+        img = preprocess_image(image, pipe.background_remover) if preprocess else _as_rgb(image)
+    gen = pipe._rng(seed)
+    res = pipe._res(resolution)
+    with run.stage_ctx("cond"):
+        cond = pipe.get_cond(img, 512 if resolution == 512 else 1024)
+    with run.stage_ctx("encode"):
+        try:
+            enc = ovoxel.encode_shape(unit.astype(np.float32), geo_f, res, outside="clip")
+        except ovoxel.OVoxelError as e:
+            raise BadInput(f"the mesh cannot be voxelised: {e}") from e
+        coords_np, dual_np, inter_np = enc.coords, enc.dual_vertices, enc.intersected
+        if len(coords_np) == 0:
+            raise BadInput("the mesh produced no voxels (is it flat or tiny?).")
+        c = torch.from_numpy(np.asarray(coords_np, np.int32))
+        c = torch.cat([torch.zeros(c.shape[0], 1, dtype=torch.int32), c], 1).to(pipe.device)
+        vt = SparseTensor(torch.from_numpy(np.asarray(dual_np, np.float32)).to(pipe.device), c)
+        it = vt.replace(torch.from_numpy(np.asarray(inter_np, bool)).to(pipe.device))
+        with pipe.models.use("shape_slat_encoder") as encoder:
+            dt = pipe._layer_dtype(encoder, "input_layer")
+            shape, hierarchy = encoder(vt.to(dt), it, return_hierarchy=True)
+        shape = shape.float()
+    tex = pipe.sample_tex_slat(run, "tex_slat_flow_model_512" if resolution == 512 else "tex_slat_flow_model_1024",
+                               cond, shape, gen, stage_params.get("tex_slat"))
+    with run.stage_ctx("decode"):
+        with pipe.models.use("tex_slat_decoder") as tdec:
+            tv = tdec(tex.to(pipe._dec_dtype(tdec)), hierarchy=hierarchy)
+        if not torch.equal(tv.coords, c):
+            raise RuntimeError("texture decoder voxels differ from the encoded voxels")
+        attrs = (tv.feats.float() * 0.5 + 0.5).cpu().numpy()
+        del tv, tex, shape, hierarchy
+    with run.stage_ctx("bake"):
+        base, mr, coverage = bake_pbr(unit, geo_f, uv, coords_np, attrs, res, int(texture_size), pipe.device)
+    return TextureResult(base_color=base, metallic_roughness=mr, vertices=out_v, faces=np.asarray(out_f, np.int32),
+                         uvs=uv.astype(np.float32), uv_created=uv_created, resolution=res,
+                         coords=np.asarray(coords_np, np.int32), attrs=attrs,
+                         normalization=(center.astype(np.float32), float(scale)), coverage=coverage,
+                         timings=dict(run.timings))

@@ -1,0 +1,775 @@
+"""``trellis2 serve --stdio``: the backend process the Blender add-on talks to over its pipes.
+
+Process model (see docs/ARCHITECTURE.md and the add-on spec, part (b)):
+
+* **Stream protection, first thing.** The protocol goes out on a private ``dup`` of fd 1; fd 1 is
+  then pointed at fd 2 (the log), and fd 0 at ``/dev/null`` after taking a private dup of it. So
+  ``print``, tqdm, C libraries and child processes writing to stdout, or reading stdin, can never
+  corrupt or steal protocol bytes.
+* **Threads.** A reader thread decodes frames: ``ping``/``cancel``/``shutdown`` are handled at
+  once, jobs (``generate``/``texture``/``upscale``) and ``unload`` go to a FIFO queue. The main
+  thread is the worker: one job at a time. Cancel is cooperative: the reader sets the running job's
+  ``threading.Event``; the pipeline checks it at every sampler step (and :meth:`JobContext.progress`
+  checks it too), and the job ends with a ``cancelled`` message.
+* **Lifetime.** EOF on stdin means the add-on (Blender) is gone: the running job is cancelled and
+  the process exits within ~1.5 s whatever the job is doing. ``--pdeathsig`` also asks Linux to
+  SIGTERM us when the parent dies. Idle auto-unload (``--idle-unload MINUTES``) frees the models.
+* **Errors** are typed: ``error{job, kind, message, advice, traceback_tail, log_tail}`` with kind in
+  ``oom | missing_dependency | missing_weights | bad_input | cancelled | internal | protocol``.
+* **Jobs** live in folders (:mod:`backend.jobs`) under ``--cache-dir``: inputs first, then the
+  pipeline's resumable state, then the result, so nothing is lost on a crash.
+
+Job execution goes through one small adapter, a *runner* (:class:`PipelineRunner` for the real
+pipelines, :class:`backend.fake_runner.FakeRunner` for tests): ``describe()``, ``run(ctx)``,
+``unload()``, ``loaded``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from . import __version__
+from . import errors as _errors
+from . import jobs as _jobs
+from . import protocol as proto
+
+log = logging.getLogger("backend.server")
+
+_LOG_TAIL_LINES = 30
+_EXIT_GRACE_S = 1.2
+_RUNNERS = {"pipelines": "PipelineRunner", "fake": "fake"}
+
+
+# --------------------------------------------------------------------------------------------------
+# runner interface
+
+
+class JobContext:
+    """What a runner gets for one job: the request, its folder, progress and cancel plumbing."""
+
+    def __init__(self, server: "Server", msg: dict[str, Any], job: _jobs.Job) -> None:
+        self.server = server
+        self.msg = msg
+        self.kind: str = msg["type"]
+        self.job_id: str = msg["job"]
+        self.arrays: dict[str, np.ndarray] = msg.get("arrays") or {}
+        self.job = job
+        self.cancel = threading.Event()
+        self.started = time.monotonic()
+        self.stage: str | None = None
+        self.step = 0
+        self._stage_t0 = self.started
+        self._last_t = self.started
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The request's fields except transport ones (type, job, arrays)."""
+        return {k: v for k, v in self.msg.items() if k not in ("type", "job", "arrays")}
+
+    def check_cancel(self) -> None:
+        """Raise :class:`backend.errors.Cancelled` if the job was cancelled."""
+        if self.cancel.is_set():
+            raise _errors.Cancelled(stage=self.stage)
+
+    def progress(self, stage: str, step: int, total: int, elapsed: float | None = None) -> None:
+        """Report progress (the pipelines' ``ProgressFn``), then honour a pending cancel.
+
+        ``elapsed`` is the pipeline's own clock (seconds since the job started); the ETA of the
+        stage is estimated here from the stage's own step rate.
+        """
+        now = time.monotonic()
+        if stage != self.stage:
+            # a stage starts at its step-0 report, or else when the previous stage's last step came
+            self.stage, self._stage_t0 = stage, now if step == 0 else self._last_t
+        self._last_t = now
+        self.step = int(step)
+        stage_el = now - self._stage_t0
+        eta = stage_el / step * (total - step) if step > 0 and total > 0 else None
+        self.server.send({"type": "progress", "job": self.job_id, "stage": stage, "step": int(step),
+                          "total": int(total), "stage_elapsed_s": round(stage_el, 3),
+                          "elapsed_s": round(float(elapsed) if elapsed is not None else now - self.started, 3),
+                          "eta_s": None if eta is None else round(eta, 3)})
+        self.check_cancel()
+
+    def log(self, text: str, level: str = "info") -> None:
+        self.server.send_log(level, text)
+
+
+class Runner(Protocol):
+    """The job adapter the server calls (on the main thread, one job at a time)."""
+
+    loaded: bool
+
+    def describe(self) -> dict[str, Any]:
+        """Device facts for ``status`` (may import torch; called once, off the reader thread)."""
+
+    def run(self, ctx: JobContext) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+        """Execute ``ctx.msg``; return ``(result kind, meta, arrays)``. Raise typed errors."""
+
+    def unload(self) -> None:
+        """Free models and device memory."""
+
+
+class PipelineRunner:
+    """Adapter from protocol requests to :mod:`backend.pipelines` (the real TRELLIS.2 pipelines)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.model_dir = getattr(args, "model_dir", None)
+        self.device = getattr(args, "device", "auto") or "auto"
+        self.low_vram = bool(getattr(args, "low_vram", False))
+        self._pipe: Any = None
+        self.loaded = False
+
+    def describe(self) -> dict[str, Any]:
+        from .selftest import device_info
+
+        return device_info()
+
+    def vram_used(self) -> int | None:
+        try:
+            import torch
+
+            return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None
+        except Exception:  # noqa: BLE001 - diagnostics only
+            return None
+
+    def _pipeline(self, ctx: JobContext):
+        if self._pipe is None:
+            from . import pipelines
+
+            model_dir = ctx.msg.get("model_dir") or self.model_dir
+            if not model_dir:
+                raise _errors.MissingWeights("No model folder configured (set it in the add-on Preferences).")
+            self.server_status(ctx, "loading")
+            self._pipe = pipelines.load_pipeline(model_dir, device=ctx.msg.get("device", self.device),
+                                                 low_vram=bool(ctx.msg.get("low_vram", self.low_vram)))
+            self.loaded = True
+            self.server_status(ctx, "busy")
+        return self._pipe
+
+    @staticmethod
+    def server_status(ctx: JobContext, state: str) -> None:
+        ctx.server.send_status(state)
+
+    def run(self, ctx: JobContext) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+        pipe = self._pipeline(ctx)
+        s = ctx.msg
+        if s.get("max_tokens"):
+            pipe.max_num_tokens = int(s["max_tokens"])
+        common = {"stage_params": s.get("stage_params") or {}, "progress": ctx.progress, "cancel": ctx.cancel}
+        if ctx.kind == "generate":
+            res = pipe.generate(_load_image(ctx), pipeline_type=s.get("pipeline_type") or None,
+                                seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)), **common)
+            res.state.save(ctx.job.root / "state")
+            return "mesh", _generation_meta(res), _generation_arrays(res)
+        if ctx.kind == "upscale":
+            from .pipelines import JobState
+
+            src = ctx.server.store.get(str(s.get("source_job")))
+            if src is None:
+                raise _errors.BadInput(f"Unknown source job {s.get('source_job')!r} for upscale.")
+            state = JobState.load(src.root / "state")
+            res = pipe.upscale(state, **common)
+            res.state.save(ctx.job.root / "state")
+            return "mesh", _generation_meta(res), _generation_arrays(res)
+        if ctx.kind == "texture":
+            a = ctx.arrays
+            for key in ("vertices", "faces"):
+                if key not in a:
+                    raise _errors.BadInput(f"texture request without '{key}' array.")
+            uvs = a.get("uvs")
+            if uvs is not None and uvs.ndim == 2 and uvs.shape[0] == 3 * a["faces"].shape[0]:
+                uvs = uvs.reshape(-1, 3, 2)      # per-corner [3F, 2] -> [F, 3, 2]
+            tex = pipe.texture(a["vertices"], a["faces"], _load_image(ctx), uvs=uvs, transform=a.get("matrix"),
+                               seed=int(s.get("seed", 42)), resolution=int(s.get("resolution", 1024)),
+                               texture_size=int(s.get("texture_size", 2048)),
+                               preprocess=bool(s.get("preprocess", True)), **common)
+            meta = {"uv_created": bool(tex.uv_created), "resolution": int(tex.resolution),
+                    "coverage": float(tex.coverage), "timings": dict(tex.timings)}
+            arrays = {"base_color": tex.base_color, "metallic_roughness": tex.metallic_roughness,
+                      "vertices": tex.vertices, "faces": tex.faces, "uvs": tex.uvs}
+            return "textures", meta, arrays
+        raise _errors.BadInput(f"unsupported job type {ctx.kind!r}")
+
+    def unload(self) -> None:
+        pipe, self._pipe, self.loaded = self._pipe, None, False
+        if pipe is not None:
+            fn = getattr(pipe, "unload", None) or getattr(getattr(pipe, "models", None), "unload", None)
+            if callable(fn):
+                fn()
+        del pipe
+        import gc
+
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+
+
+def _load_image(ctx: JobContext):
+    """The job's input image as a PIL RGBA/RGB image (from the job folder; inputs were saved first)."""
+    from PIL import Image
+
+    path = ctx.job.image_path
+    if not path.exists():
+        raise _errors.BadInput("The job has no input image.")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types
+        raise _errors.BadInput(f"Cannot read the input image: {exc}") from exc
+    return img
+
+
+def _generation_meta(res: Any) -> dict[str, Any]:
+    return {"pipeline_type": res.pipeline_type, "seed": int(res.seed), "resolution": int(res.resolution),
+            "num_voxels": int(res.coords.shape[0]), "timings": dict(res.timings),
+            "peak_memory": dict(res.peak_memory)}
+
+
+def _generation_arrays(res: Any) -> dict[str, np.ndarray]:
+    return {"vertices": np.asarray(res.vertices, np.float32), "faces": np.asarray(res.faces, np.int32),
+            "coords": res.coords, "dual_vertices": res.dual_vertices, "intersected": res.intersected,
+            "split_weight": res.split_weight, "attrs": res.attrs}
+
+
+# --------------------------------------------------------------------------------------------------
+# error classification
+
+
+def classify_error(exc: BaseException) -> tuple[str, str, str | None]:
+    """``(kind, human message, advice)`` for any exception a job raised."""
+    if isinstance(exc, _errors.Cancelled):
+        return "cancelled", str(exc), None
+    name = type(exc).__name__
+    text = str(exc)
+    if (isinstance(exc, (_errors.OutOfMemory, MemoryError)) or name == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and "out of memory" in text.lower())):
+        advice = getattr(exc, "advice", None) or _errors.OutOfMemory().advice
+        return "oom", getattr(exc, "message", None) or "The device ran out of memory.", advice
+    if isinstance(exc, _errors.MissingWeights):
+        return "missing_weights", exc.message, exc.advice or "Download the weights or set the model folder."
+    missing_dep = getattr(_errors, "MissingDependency", None)
+    if (missing_dep is not None and isinstance(exc, missing_dep)) or isinstance(exc, ImportError):
+        mod = getattr(exc, "name", None)
+        msg = getattr(exc, "message", None) or (f"Missing Python module {mod!r}." if mod else text)
+        return "missing_dependency", msg, "Run 'Check backend' in the add-on Preferences."
+    if isinstance(exc, _errors.BadInput):
+        return "bad_input", exc.message, exc.advice
+    if isinstance(exc, _errors.Trellis2Error):
+        return "internal", exc.message, exc.advice
+    return "internal", f"{name}: {text}" if text else name, "See the backend log for details."
+
+
+# --------------------------------------------------------------------------------------------------
+# logging
+
+
+class _TailHandler(logging.Handler):
+    """Keeps the last lines of the log in memory (for error messages' ``log_tail``)."""
+
+    def __init__(self, lines: int = 200) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.extend(self.format(record).splitlines())
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _ForwardHandler(logging.Handler):
+    """Forwards WARNING+ log records to the add-on as ``log`` frames (throttled by the server)."""
+
+    def __init__(self, server: "Server") -> None:
+        super().__init__(logging.WARNING)
+        self.server = server
+        self._local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(self._local, "busy", False) or self.server._pipe_broken:
+            return  # a warning raised while sending must not recurse into sending
+        self._local.busy = True
+        try:
+            self.server.send_log(record.levelname.lower(), self.format(record))
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            self._local.busy = False
+
+
+def read_log_tail(path: str | os.PathLike | None, lines: int = _LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of a log file (reads at most the last 64 KiB)."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            data = fh.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+# --------------------------------------------------------------------------------------------------
+# the server
+
+
+class Server:
+    """The stdio server; :meth:`run` blocks until shutdown or EOF and returns the exit code."""
+
+    def __init__(self, reader: proto.FrameReader, writer: proto.FrameWriter, runner: Runner,
+                 store: _jobs.JobStore, *, idle_unload_s: float = 0.0, log_path: str | None = None,
+                 tail: _TailHandler | None = None) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.runner = runner
+        self.store = store
+        self.idle_unload_s = idle_unload_s
+        self.log_path = log_path
+        self.tail = tail
+        self._cv = threading.Condition()
+        self._queue: collections.deque[dict[str, Any]] = collections.deque()
+        self._current: JobContext | None = None
+        self._stopping = False
+        self._exit_code = 0
+        self._worker_done = threading.Event()
+        self._last_activity = time.monotonic()
+        self._device: dict[str, Any] = {}
+        self._state = "starting"
+        self._pipe_broken = False
+        self._log_tokens = 10.0
+        self._log_t = time.monotonic()
+
+    # -- sending
+    def send(self, msg: dict[str, Any]) -> bool:
+        """Send a frame; False (and stop) if the add-on side is gone."""
+        if self._pipe_broken:
+            return False
+        try:
+            self.writer.send(msg)
+            return True
+        except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+            log.warning("protocol pipe closed while sending %s: %s", msg.get("type"), exc)
+            self._pipe_broken = True
+            self.stop(0)
+            return False
+
+    def send_log(self, level: str, text: str) -> None:
+        """Forward a log line to the add-on, throttled to ~10 lines/s."""
+        now = time.monotonic()
+        self._log_tokens = min(10.0, self._log_tokens + (now - self._log_t) * 10.0)
+        self._log_t = now
+        if self._log_tokens >= 1.0:
+            self._log_tokens -= 1.0
+            self.send({"type": "log", "level": level, "text": text[:2000]})
+
+    def queue_ids(self) -> list[str]:
+        with self._cv:
+            return [m["job"] for m in self._queue if m["type"] in proto.JOB_MESSAGES]
+
+    def send_status(self, state: str | None = None, **extra: Any) -> None:
+        if state:
+            self._state = state
+        cur = self._current
+        msg: dict[str, Any] = {"type": "status", "state": self._state, "loaded": bool(getattr(self.runner, "loaded", False)),
+                               "job": cur.job_id if cur else None, "queue": self.queue_ids(), **self._device}
+        vram = getattr(self.runner, "vram_used", None)
+        if callable(vram):
+            msg["vram_used"] = vram()
+        msg.update(extra)
+        self.send(msg)
+
+    def send_error(self, job: str | None, kind: str, message: str, advice: str | None = None,
+                   tb: str | None = None) -> None:
+        tail = read_log_tail(self.log_path) if self.log_path else list(self.tail.lines)[-_LOG_TAIL_LINES:] if self.tail else []
+        self.send({"type": "error", "job": job, "kind": kind, "message": message, "advice": advice,
+                   "traceback_tail": (tb or "").splitlines()[-25:], "log_tail": tail})
+
+    # -- lifecycle
+    def stop(self, code: int = 0) -> None:
+        """Cancel everything and make the worker loop end."""
+        with self._cv:
+            self._stopping = True
+            self._exit_code = code
+            self._queue.clear()
+            if self._current is not None:
+                self._current.cancel.set()
+            self._cv.notify_all()
+
+    def run(self) -> int:
+        self.send({"type": "hello", "protocol": proto.PROTOCOL_VERSION, "backend_version": __version__,
+                   "python": platform.python_version(), "numpy": np.__version__, "pid": os.getpid(),
+                   "platform": sys.platform, "executable": sys.executable,
+                   "runner": type(self.runner).__name__})
+        reader = threading.Thread(target=self._reader_loop, name="protocol-reader", daemon=True)
+        reader.start()
+        try:
+            try:
+                self._device = dict(self.runner.describe() or {})
+            except Exception as exc:  # noqa: BLE001 - describing must never kill the server
+                log.exception("describe() failed")
+                self._device = {"describe_error": f"{type(exc).__name__}: {exc}"}
+            if not self._stopping:
+                self.send_status("ready")
+            self._worker_loop()
+        finally:
+            self._worker_done.set()
+        log.info("server exiting with code %d", self._exit_code)
+        return self._exit_code
+
+    # -- reader thread
+    def _reader_loop(self) -> None:
+        while True:
+            try:
+                msg = self.reader.read()
+            except proto.ProtocolError as exc:
+                log.warning("bad frame from the add-on: %s", exc)
+                self.send_error(exc.job, "protocol", f"Rejected a bad frame: {exc}")
+                if exc.fatal:
+                    break
+                continue
+            except OSError as exc:
+                log.warning("protocol input failed: %s", exc)
+                break
+            if msg is None:
+                log.info("stdin closed: the add-on is gone")
+                break
+            try:
+                self._handle(msg)
+            except Exception as exc:  # noqa: BLE001 - never let one message kill the reader
+                log.exception("handling %s failed", msg.get("type"))
+                self.send_error(msg.get("job"), "internal", f"{type(exc).__name__}: {exc}",
+                                tb=traceback.format_exc())
+        # EOF (or a fatal stream error): stop, and make sure we are gone shortly whatever the job does
+        self.stop(0)
+        if not self._worker_done.wait(_EXIT_GRACE_S):
+            log.warning("job did not stop within %.1f s after stdin closed; exiting hard", _EXIT_GRACE_S)
+            logging.shutdown()
+            os._exit(0)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        mtype = msg["type"]
+        if mtype == "ping":
+            reply = dict(msg)
+            reply["type"] = "pong"
+            reply["t_backend"] = time.time()
+            self.send(reply)
+        elif mtype == "cancel":
+            self._cancel(msg.get("job"))
+        elif mtype == "shutdown":
+            log.info("shutdown requested")
+            self.send_status("stopping")
+            self.stop(0)
+        elif mtype == "unload":
+            with self._cv:
+                self._queue.append(msg)
+                self._cv.notify_all()
+        elif mtype in proto.JOB_MESSAGES:
+            job = msg.get("job")
+            if not _jobs.valid_job_id(job):
+                self.send_error(job if isinstance(job, str) else None, "bad_input", f"Invalid job id {job!r}.")
+                return
+            with self._cv:
+                busy = {m.get("job") for m in self._queue} | ({self._current.job_id} if self._current else set())
+                if job in busy:
+                    dup = True
+                else:
+                    dup = False
+                    self._queue.append(msg)
+                    self._cv.notify_all()
+            if dup:
+                self.send_error(job, "bad_input", f"Job {job} is already queued or running.")
+            else:
+                self.send_status()
+        else:
+            self.send_error(msg.get("job"), "protocol", f"Unexpected message type {mtype!r} from the add-on.")
+
+    def _cancel(self, job: str | None) -> None:
+        dropped: list[str] = []
+        with self._cv:
+            keep: collections.deque[dict[str, Any]] = collections.deque()
+            for m in self._queue:
+                if m["type"] in proto.JOB_MESSAGES and (job is None or m.get("job") == job):
+                    dropped.append(m["job"])
+                else:
+                    keep.append(m)
+            self._queue = keep
+            cur = self._current
+            if cur is not None and (job is None or cur.job_id == job):
+                cur.cancel.set()
+        for jid in dropped:
+            self._mark(jid, "cancelled")
+            self.send({"type": "cancelled", "job": jid, "stage": None, "step": 0, "queued": True})
+        if dropped:
+            self.send_status()
+
+    def _mark(self, job_id: str, status: str, **fields: Any) -> None:
+        try:
+            j = self.store.get(job_id)
+            if j is not None:
+                j.set_status(status, **fields)
+        except OSError as exc:
+            log.warning("could not update job %s: %s", job_id, exc)
+
+    # -- worker (main thread)
+    def _worker_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stopping:
+                    timeout = None
+                    if self.idle_unload_s > 0 and getattr(self.runner, "loaded", False):
+                        timeout = self._last_activity + self.idle_unload_s - time.monotonic()
+                        if timeout <= 0:
+                            break
+                    self._cv.wait(timeout)
+                if self._stopping:
+                    return
+                item = self._queue.popleft() if self._queue else None
+            if item is None:
+                log.info("idle for %.0f s: unloading models", self.idle_unload_s)
+                self._unload(reason="idle")
+                continue
+            if item["type"] == "unload":
+                self._unload(reason="request")
+            else:
+                self._run_job(item)
+            self._last_activity = time.monotonic()
+
+    def _unload(self, reason: str) -> None:
+        try:
+            self.runner.unload()
+        except Exception as exc:  # noqa: BLE001
+            log.exception("unload failed")
+            self.send_error(None, "internal", f"Unload failed: {exc}", tb=traceback.format_exc())
+        self.send_status("ready", unloaded=reason)
+
+    def _open_job(self, msg: dict[str, Any]) -> _jobs.Job:
+        """Create/reopen the job folder and store its inputs before anything runs."""
+        settings = {k: v for k, v in msg.items() if k not in ("type", "job", "arrays")}
+        job = self.store.open(msg["job"], kind=msg["type"], settings=settings)
+        arrays = msg.get("arrays") or {}
+        if "image_png" in arrays:
+            job.save_image_bytes(arrays["image_png"])
+        elif isinstance(msg.get("image"), str) and msg["image"]:
+            src = Path(msg["image"])
+            if not src.is_file():
+                raise _errors.BadInput(f"Input image not found: {src}")
+            job.save_image_file(src)
+        elif msg["type"] == "upscale":
+            src_job = self.store.get(str(msg.get("source_job")))
+            if src_job is None:
+                raise _errors.BadInput(f"Unknown source job {msg.get('source_job')!r} for upscale.")
+            if src_job.image_path.exists() and not job.image_path.exists():
+                job.save_image_file(src_job.image_path)
+            job.update(source_job=src_job.id, seed=src_job.meta().get("settings", {}).get("seed"))
+        mesh = {k: v for k, v in arrays.items() if k != "image_png"}
+        if mesh:
+            job.save_mesh(mesh)
+        elif job.mesh_path.exists() and msg["type"] == "texture":
+            msg.setdefault("arrays", {}).update(job.load_mesh())   # retry: reuse the stored mesh
+        # Retry: fields the request leaves out come from the job's stored settings (seed, type...)
+        for key, value in job.meta().get("settings", {}).items():
+            if key != "image":
+                msg.setdefault(key, value)
+        return job
+
+    def _run_job(self, msg: dict[str, Any]) -> None:
+        job_id = msg["job"]
+        ctx: JobContext | None = None
+        try:
+            job = self._open_job(msg)
+            ctx = JobContext(self, msg, job)
+            with self._cv:
+                if self._stopping:
+                    return
+                self._current = ctx
+            job.set_status("running", started=time.time())
+            self.send_status("busy")
+            log.info("job %s (%s) started", job_id, msg["type"])
+            kind, meta, arrays = self.runner.run(ctx)
+            meta = dict(meta or {})
+            meta["elapsed_s"] = round(time.monotonic() - ctx.started, 3)
+            if not msg.get("no_store"):
+                job.save_result(arrays, meta)
+            job.set_status("done", finished=time.time())
+            log.info("job %s done in %.2f s", job_id, meta["elapsed_s"])
+            self.send({"type": "result", "job": job_id, "kind": kind, "meta": meta, "arrays": arrays,
+                       "folder": str(job.root)})
+        except BaseException as exc:  # noqa: BLE001 - report everything, keep serving
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            kind, message, advice = classify_error(exc)
+            if kind == "cancelled":
+                log.info("job %s cancelled", job_id)
+                self._mark(job_id, "cancelled")
+                self.send({"type": "cancelled", "job": job_id, "stage": ctx.stage if ctx else None,
+                           "step": ctx.step if ctx else 0})
+            else:
+                log.error("job %s failed (%s): %s", job_id, kind, message, exc_info=kind == "internal")
+                if kind == "oom":
+                    try:
+                        self.runner.unload()
+                    except Exception:  # noqa: BLE001
+                        log.exception("unload after OOM failed")
+                self._mark(job_id, "failed", error={"kind": kind, "message": message})
+                self.send_error(job_id, kind, message, advice, traceback.format_exc())
+        finally:
+            with self._cv:
+                self._current = None
+            if not self._stopping:
+                self.send_status("ready")
+
+
+# --------------------------------------------------------------------------------------------------
+# process setup
+
+
+def protect_stdio() -> tuple[int, int]:
+    """Move the protocol onto private fds; point fd 1 at fd 2 and fd 0 at /dev/null.
+
+    Returns ``(proto_in_fd, proto_out_fd)``. After this, Python prints, C-level writes to fd 1 and
+    child processes' stdout all land in the log (stderr), and nothing else can read our stdin.
+    """
+    proto_out = os.dup(1)
+    proto_in = os.dup(0)
+    if os.name == "nt":  # binary mode for the CRT file descriptors
+        import msvcrt
+
+        msvcrt.setmode(proto_out, os.O_BINARY)
+        msvcrt.setmode(proto_in, os.O_BINARY)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdout = sys.stderr
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 - lives for the process
+    if hasattr(os, "set_inheritable"):
+        os.set_inheritable(proto_out, False)
+        os.set_inheritable(proto_in, False)
+    proto.enlarge_pipe(proto_out)
+    proto.enlarge_pipe(proto_in)
+    return proto_in, proto_out
+
+
+def set_parent_death_signal(parent_pid: int | None = None) -> bool:
+    """Linux: ask the kernel to SIGTERM this process when its parent dies. False elsewhere.
+
+    Note that the kernel ties this to the parent *thread* that spawned us.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        log.warning("parent %d already gone", parent_pid)
+        os._exit(0)
+    return True
+
+
+def _setup_logging(log_file: str | None, verbose: bool) -> _TailHandler:
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(fmt)
+    tail = _TailHandler()
+    tail.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler, tail]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    return tail
+
+
+def make_runner(args: argparse.Namespace) -> Runner:
+    """The job runner chosen by ``--runner`` (``pipelines`` by default, ``fake`` for tests)."""
+    if args.runner == "fake":
+        from .fake_runner import FakeRunner
+
+        return FakeRunner(args)
+    return PipelineRunner(args)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Entry point of ``trellis2 serve``."""
+    if not args.stdio:
+        print("trellis2 serve: only --stdio is supported", file=sys.stderr)
+        return 2
+    # stderr first (it becomes the log), then the protocol fds
+    tail = _setup_logging(args.log, args.verbose)
+    proto_in, proto_out = protect_stdio()
+    if args.pdeathsig:
+        set_parent_death_signal(args.parent_pid)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "trellis2-blender"
+    log.info("trellis2 backend %s (pid %d, python %s), cache %s", __version__, os.getpid(),
+             platform.python_version(), cache)
+    server = Server(proto.FrameReader(proto_in, max_payload=int(args.max_payload_mb * (1 << 20))),
+                    proto.FrameWriter(proto_out), make_runner(args), _jobs.JobStore(cache),
+                    idle_unload_s=max(0.0, args.idle_unload) * 60.0, log_path=args.log, tail=tail)
+    forward = _ForwardHandler(server)
+    forward.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger().addHandler(forward)
+    code = server.run()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    # Skip the interpreter teardown: with torch/CUDA loaded it can take seconds, and everything
+    # that matters (job folders, log) is already on disk.
+    os._exit(code)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand (no torch import here)."""
+    p = subparsers.add_parser("serve", help="run the backend server for the Blender add-on",
+                              description="Serve TRELLIS.2 jobs over stdin/stdout (the add-on starts this).")
+    p.add_argument("--stdio", action="store_true", help="speak the frame protocol on stdin/stdout")
+    p.add_argument("--log", metavar="FILE", help="append the log (and all stray output) to FILE")
+    p.add_argument("--cache-dir", metavar="DIR", help="job folders go to DIR/jobs")
+    p.add_argument("--model-dir", metavar="DIR", help="TRELLIS.2 weights folder (pipeline.json, ckpts/)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--low-vram", action="store_true", help="keep only the running stage on the GPU")
+    p.add_argument("--idle-unload", type=float, default=0.0, metavar="MIN",
+                   help="unload the models after MIN idle minutes (0: never)")
+    p.add_argument("--max-payload-mb", type=float, default=float(proto.DEFAULT_MAX_PAYLOAD >> 20),
+                   help="reject incoming frames with a bigger payload")
+    p.add_argument("--pdeathsig", action="store_true", help="Linux: exit when the parent process dies")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--runner", choices=sorted(_RUNNERS), default="pipelines", help=argparse.SUPPRESS)
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=serve)

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Protocol throughput: round trip of big payloads through a real backend subprocess's pipes.
+
+The add-on's client (from a staged extension) sends ``ping`` with one array; the backend
+(``python -m backend serve --stdio --runner fake``: no torch) answers ``pong`` echoing the array.
+The clock runs from the start of the send to the moment ``poll()`` hands the decoded echo to the
+main thread, so it covers: encode + writev into the pipe, the backend's reader decoding into its
+buffer, its writev back, the client's reader thread decoding, the queue hop to the main thread.
+
+    python benchmarks/protocol.py [--mb 100] [--repeat 5]
+
+Prints one line per payload size: the best and median round trip, the payload rate
+(``payload / round trip``) and the pipe rate (``2 * payload / round trip``, bytes moved both ways).
+Checks the echo's CRC32 once per size. For comparison it then times the same round trip through a
+bare echo child (plain ``os.write``/``os.readv``, no framing, no decoding, no queue): the difference
+is the protocol's own cost; the rest is the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+_ECHO_CHILD = """
+import os, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from backend.protocol import enlarge_pipe
+enlarge_pipe(0); enlarge_pipe(1)
+n = int(sys.argv[2])
+while True:
+    buf = np.empty(n, np.uint8); mv = memoryview(buf); got = 0
+    while got < n:
+        k = os.readv(0, [mv[got:]])
+        if not k:
+            sys.exit(0)
+        got += k
+    while len(mv):
+        mv = mv[os.write(1, mv):]
+"""
+
+
+def raw_pipe_baseline(nbytes: int, repeat: int) -> list[float]:
+    """Round trips of ``nbytes`` through a bare echo child (os.write/readv, no protocol at all)."""
+    import subprocess
+    import threading
+
+    from backend.protocol import enlarge_pipe
+
+    child = subprocess.Popen([sys.executable, "-c", _ECHO_CHILD, str(ROOT), str(nbytes)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    enlarge_pipe(child.stdin.fileno())
+    enlarge_pipe(child.stdout.fileno())
+    data = np.ones(nbytes, np.uint8)
+    times = []
+    for i in range(repeat + 1):
+        t0 = time.perf_counter()
+
+        def write() -> None:
+            v = memoryview(data)
+            while len(v):
+                v = v[os.write(child.stdin.fileno(), v):]
+
+        th = threading.Thread(target=write)
+        th.start()
+        buf = np.empty(nbytes, np.uint8)
+        mv, got = memoryview(buf), 0
+        while got < nbytes:
+            got += child.stdout.readinto(mv[got:])
+        th.join()
+        if i:
+            times.append(time.perf_counter() - t0)
+    child.stdin.close()
+    child.wait()
+    child.stdout.close()
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, nargs="*", default=[1, 24, 100], help="payload sizes in MB (1e6 bytes)")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the bare-pipe comparison")
+    args = ap.parse_args()
+
+    import build
+
+    tmp = Path(tempfile.mkdtemp(prefix="t2-bench-"))
+    ext = build.stage(tmp)
+    sys.path.insert(0, str(tmp))
+    import trellis2.backend_client as bc  # noqa: E402  (the staged add-on, as Blender imports it)
+
+    client = bc.BackendClient(sys.executable, ext, log_path=tmp / "backend.log", cache_dir=tmp / "cache",
+                              extra_args=["--runner", "fake"])
+    t = time.perf_counter()
+    client.start()
+    client.wait_for(lambda m: m["type"] == "status", 60)
+    print(f"backend ready in {time.perf_counter() - t:.3f} s (pid {client.pid})")
+    try:
+        for mb in args.mb:
+            n = int(mb * 1e6) // 4
+            data = np.random.default_rng(0).random(n, dtype=np.float32)
+            crc = zlib.crc32(data)
+            times = []
+            for i in range(args.repeat + 1):
+                t0 = time.perf_counter()
+                client.ping(i=i, arrays={"x": data})
+                while True:
+                    msgs = client.poll()
+                    pong = next((m for m in msgs if m["type"] == "pong" and m["i"] == i), None)
+                    if pong is not None:
+                        break
+                    time.sleep(0.0002)
+                dt = time.perf_counter() - t0
+                if i == 0:
+                    assert zlib.crc32(pong["arrays"]["x"]) == crc, "echo corrupted"
+                    continue  # warm-up
+                times.append(dt)
+                del pong, msgs
+            best, med = min(times), statistics.median(times)
+            size = data.nbytes / 1e6
+            print(f"{size:7.1f} MB round trip: best {best * 1e3:8.1f} ms, median {med * 1e3:8.1f} ms | "
+                  f"payload {size / best:7.0f} MB/s (median {size / med:5.0f}) | "
+                  f"pipe (both ways) {2 * size / best:7.0f} MB/s")
+    finally:
+        client.stop()
+    if not args.no_baseline:
+        nbytes = int(max(args.mb) * 1e6)
+        times = raw_pipe_baseline(nbytes, args.repeat)
+        size = nbytes / 1e6
+        best, med = min(times), statistics.median(times)
+        print(f"{size:7.1f} MB bare pipe echo (no protocol, same machine state): best {best * 1e3:8.1f} ms, "
+              f"median {med * 1e3:8.1f} ms | payload {size / best:7.0f} MB/s (median {size / med:5.0f})")
+    try:
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Helpers for the backend process tests: spawning clients, checking that no process is left."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+PYTHON = sys.executable
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (a reaped child has no /proc entry at all)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is ``pgid`` (the backend and anything it spawned)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def wait_gone(pids, timeout: float = 5.0) -> list[int]:
+    """Wait until none of ``pids`` (nor their process groups) is alive; return the survivors."""
+    end = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if pid_alive(p) or group_members(p)]
+        if not left or time.monotonic() > end:
+            return left
+        time.sleep(0.02)
+
+
+def types(msgs) -> list[str]:
+    return [m["type"] for m in msgs]

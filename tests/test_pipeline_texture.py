@@ -1,0 +1,91 @@
+"""Texture-only pipeline on tiny checkpoints: bakes into the mesh's own UVs, creates UVs only when
+missing, rejects bad meshes; plus the UV rasteriser and dilation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.errors import BadInput
+from backend.pipelines import load_pipeline
+from backend.pipelines.bake import fill_empty_texels, rasterize_uv
+
+from _pipeline_helpers import object_rgba
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from backend.pipelines.tiny import write_tiny_pipeline
+
+    d = write_tiny_pipeline(tmp_path_factory.mktemp("tinytex") / "m", seed=1)
+    return load_pipeline(d, device="cpu", texturing_only=True)
+
+
+def _box_with_uvs():
+    import trimesh
+
+    m = trimesh.creation.box(extents=(2.0, 1.0, 0.6))
+    v = np.asarray(m.vertices, np.float64) + [3.0, -1.0, 0.5]
+    f = np.asarray(m.faces, np.int64)
+    # per-corner UVs: each face gets its own small cell of a 4x4 atlas
+    uv = np.zeros((len(f), 3, 2))
+    for i in range(len(f)):
+        cx, cy = (i % 4) / 4, (i // 4) / 4
+        uv[i] = [[cx + 0.02, cy + 0.02], [cx + 0.23, cy + 0.02], [cx + 0.02, cy + 0.23]]
+    return v, f, uv
+
+
+def test_texture_keeps_vertices_and_uvs(pipe):
+    v, f, uv = _box_with_uvs()
+    m = np.eye(4)
+    m[:3, :3] *= 2.0
+    res = pipe.texture(v, f, object_rgba(), uvs=uv, transform=m, seed=3, resolution=512, texture_size=64)
+    assert not res.uv_created
+    assert res.vertices.shape == v.shape and np.allclose(res.vertices, v)
+    assert np.array_equal(res.faces, f) and np.allclose(res.uvs, uv)
+    assert res.base_color.shape == (64, 64, 4) and res.base_color.dtype == np.uint8
+    assert res.metallic_roughness.shape == (64, 64, 3) and (res.metallic_roughness[..., 0] == 0).all()
+    assert 0.05 < res.coverage < 1.0
+    # texture voxels are the shape voxels of the mesh (one attribute row per voxel), inside the grid
+    assert res.attrs.shape == (len(res.coords), 6) and res.coords.max() < res.resolution
+    c, s = res.normalization
+    unit = (v @ m[:3, :3].T - c) * s
+    assert np.abs(unit).max() <= 0.5
+    # deterministic
+    again = pipe.texture(v, f, object_rgba(), uvs=uv, transform=m, seed=3, resolution=512, texture_size=64)
+    assert np.array_equal(again.base_color, res.base_color)
+
+
+def test_texture_creates_uvs_when_missing(pipe):
+    import trimesh
+
+    m = trimesh.creation.icosphere(subdivisions=1)
+    res = pipe.texture(np.asarray(m.vertices), np.asarray(m.faces), object_rgba(), seed=0, resolution=512,
+                       texture_size=32)
+    assert res.uv_created and len(res.faces) == len(m.faces)
+    assert res.uvs.shape == (len(m.faces), 3, 2) and res.uvs.min() >= 0 and res.uvs.max() <= 1
+
+
+@pytest.mark.parametrize("verts,faces,msg", [
+    (np.zeros((0, 3)), np.zeros((0, 3), int), "no vertices"),
+    (np.eye(3), np.zeros((0, 3), int), "no triangles"),
+    (np.array([[0, 0, 0], [1, 0, 0], [np.nan, 1, 0]]), np.array([[0, 1, 2]]), "NaN"),
+    (np.eye(3), np.array([[0, 1, 5]]), "out of range"),
+])
+def test_bad_meshes(pipe, verts, faces, msg):
+    with pytest.raises(BadInput, match=msg):
+        pipe.texture(verts, faces, object_rgba(), texture_size=32)
+
+
+def test_rasterize_and_fill():
+    uv = np.array([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    face, bary = rasterize_uv(uv, 16)
+    cov = face >= 0
+    assert 0.4 < cov.mean() < 0.65
+    assert np.allclose(bary[cov].sum(-1), 1, atol=1e-5) and (bary[cov] >= -1e-6).all()
+    # bottom-left texel (v≈0, u≈0) is covered, top-right is not
+    assert cov[15, 0] and not cov[0, 15]
+    img = np.zeros((16, 16, 1), np.float32)
+    img[cov] = 1.0
+    filled = fill_empty_texels(img, cov)
+    assert (filled == 1.0).all()

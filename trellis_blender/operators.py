@@ -1,0 +1,884 @@
+"""Operators: generate, texture selected, upscale, backend control, result import, O-Voxel import, history.
+
+Scripting API (``blender -b --python``)::
+
+    prefs = bpy.context.preferences.addons["bl_ext.user_default.trellis2"].preferences
+    prefs.backend_python = "/path/to/venv/bin/python"; prefs.model_dir = "/models/TRELLIS.2-4B"
+    bpy.ops.trellis.generate(filepath="chair.png", pipeline="1024_cascade", seed=7)
+    bpy.ops.trellis.texture_selected(filepath="wood.png", texture_size=1024)
+    bpy.ops.trellis.upscale()
+
+In background mode (``bpy.app.background``) the job operators block, driving the backend client's
+``poll()`` until the result is in the scene, and return ``{'FINISHED'}``; on failure they return
+``{'CANCELLED'}`` with the error reported (as a warning, so a batch script keeps running) and stored
+in ``WindowManager.trellis2.error``. In the UI they return at once; a timer polls the backend and
+applies the result through the undoable ``trellis.apply_result`` operator.
+
+Every scene edit happens inside an operator with ``UNDO``; bad input is rejected before anything in
+the file changes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from typing import Optional
+
+import bpy
+import numpy as np
+from bpy.props import EnumProperty, IntProperty, StringProperty
+from bpy_extras.io_utils import ImportHelper
+
+from . import jobs, materials, mesh_import, runtime
+from .preferences import cache_dir, get_prefs
+from .properties import PIPELINES
+
+JOB_TIMEOUT_S = 6 * 3600.0
+
+
+# --------------------------------------------------------------------------------------------------
+# backend / manager
+
+
+def _client_factory():
+    """Start the backend client with the current preferences (raises RuntimeError with a reason)."""
+    prefs = get_prefs()
+    python = bpy.path.abspath(prefs.backend_python) if prefs.backend_python else ""
+    if not python:
+        raise RuntimeError("Backend Python not set (Preferences › Add-ons › TRELLIS.2)")
+    if not os.path.isfile(python):
+        raise RuntimeError(f"Backend Python not found: {python}")
+    from . import backend_client
+
+    cache = cache_dir(prefs)
+    log = cache / "logs" / "backend.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return backend_client.BackendClient(
+        python, runtime.extension_dir(), log_path=log, cache_dir=cache,
+        model_dir=bpy.path.abspath(prefs.model_dir) if prefs.model_dir else None,
+        device=prefs.device.lower(), low_vram=bool(prefs.low_vram),
+        idle_unload_min=float(prefs.idle_unload_minutes))
+
+
+def manager() -> jobs.JobManager:
+    if runtime.manager is None:
+        runtime.manager = jobs.JobManager(_client_factory)
+    return runtime.manager
+
+
+def job_running() -> bool:
+    return runtime.manager is not None and runtime.manager.active() is not None
+
+
+def sync_state(wm=None) -> None:
+    """Copy the manager's state into ``WindowManager.trellis2`` (what the panel draws)."""
+    wm = wm or bpy.context.window_manager
+    st = getattr(wm, "trellis2", None)
+    if st is None:
+        return
+    m = runtime.manager
+    if m is None:
+        st.backend_state, st.running = "STOPPED", False
+        return
+    st.backend_state = m.backend_state
+    st.backend_info = m.backend_info[:200]
+    st.log_path = m.log_path()
+    rec = m.active()
+    st.running = rec is not None
+    if rec is not None:
+        st.job_id, st.job_kind, st.stage = rec.job_id, rec.kind, rec.progress_text()
+        st.step, st.total, st.eta, st.progress = rec.step, rec.total, rec.eta(), rec.fraction()
+    if m.backend_state == "CRASHED" and m.crash_message and not st.error:
+        set_error(wm, m.crash_message, jobs.ERROR_HINTS["crashed"])
+
+
+def set_error(wm, message: str, hint: str = "") -> None:
+    st = wm.trellis2
+    st.error = message[:1000]
+    st.error_hint = hint[:300]
+
+
+def _tag_redraw() -> None:
+    wm = bpy.context.window_manager
+    for window in getattr(wm, "windows", []):
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()
+
+
+def _job_timer():
+    """UI timer: poll the backend, apply finished results, keep the panel fresh."""
+    m = runtime.manager
+    if m is None:
+        return None
+    try:
+        m.poll()
+    except Exception as exc:  # keep the timer alive; show the problem
+        set_error(bpy.context.window_manager, f"Backend polling failed: {exc}")
+    for rec in list(m.jobs.values()):
+        if rec.done and not rec.applied:
+            rec.applied = True
+            if rec.status == "done":
+                window = next(iter(bpy.context.window_manager.windows), None)
+                if window is not None:
+                    with bpy.context.temp_override(window=window):
+                        # second positional True: push an undo step, as a click would
+                        bpy.ops.trellis.apply_result("EXEC_DEFAULT", True, job=rec.job_id)
+                else:
+                    bpy.ops.trellis.apply_result("EXEC_DEFAULT", True, job=rec.job_id)
+            elif rec.status == "failed":
+                set_error(bpy.context.window_manager, rec.error, rec.advice)
+            refresh_history(bpy.context.window_manager)
+    sync_state()
+    _tag_redraw()
+    if m.active() is not None:
+        return 0.2
+    # keep watching a live backend (idle crash → error box); stop once it is down and reported
+    return 1.0 if m.client is not None and (m.alive or m.backend_state not in ("STOPPED", "CRASHED")) else None
+
+
+def start_polling() -> None:
+    if not bpy.app.background and not bpy.app.timers.is_registered(_job_timer):
+        bpy.app.timers.register(_job_timer, first_interval=0.1, persistent=True)
+
+
+def refresh_history(wm=None) -> None:
+    """Rebuild ``WindowManager.trellis2.history`` from the cache folder."""
+    wm = wm or bpy.context.window_manager
+    st = wm.trellis2
+    try:
+        entries = jobs.read_history(cache_dir() / "jobs")
+    except Exception:
+        entries = []
+    st.history.clear()
+    for e in entries:
+        item = st.history.add()
+        item.name = e["job"]
+        item.kind, item.pipeline, item.seed = e["kind"], e["pipeline"], e["seed"]
+        item.duration, item.folder, item.status = e["duration"], e["folder"], e["status"]
+        item.image_path = e["image"]
+        item.created = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["created"])) if e["created"] else ""
+    st.history_index = min(st.history_index, max(0, len(st.history) - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+
+
+def image_to_file(img: "bpy.types.Image") -> str:
+    """A file path holding ``img``: its own file when clean on disk, else a PNG written to the cache."""
+    if img.source == "FILE" and not img.packed_file and not img.is_dirty:
+        path = bpy.path.abspath(img.filepath, library=img.library)
+        if os.path.isfile(path):
+            return path
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise ValueError(f"Image {img.name!r} has no pixels (unreadable?)")
+    px = np.empty(w * h * 4, dtype=np.float32)
+    img.pixels.foreach_get(px)
+    rgba = (np.clip(np.flipud(px.reshape(h, w, 4)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    out = cache_dir() / "inputs" / f"{bpy.path.clean_name(img.name)}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(materials.png_bytes(rgba, level=6))
+    return str(out)
+
+
+def resolve_image(context, filepath: str) -> str:
+    """The input image file for a job (operator argument, else the panel's image); ValueError if bad."""
+    if filepath:
+        path = bpy.path.abspath(filepath)
+    else:
+        img = context.scene.trellis2.image
+        if img is None:
+            raise ValueError("No input image: pick an image in the TRELLIS panel or pass filepath=")
+        path = image_to_file(img)
+    problem = jobs.check_image_file(path)
+    if problem:
+        raise ValueError(problem)
+    return path
+
+
+def stage_params(settings) -> dict:
+    return {
+        "sparse_structure": {"steps": settings.ss_steps, "guidance_strength": settings.ss_guidance},
+        "shape_slat": {"steps": settings.shape_steps, "guidance_strength": settings.shape_guidance},
+        "tex_slat": {"steps": settings.tex_steps, "guidance_strength": settings.tex_guidance},
+    }
+
+
+def _common_request(context) -> dict:
+    prefs = get_prefs(context)
+    req = {"device": prefs.device.lower(), "low_vram": bool(prefs.low_vram)}
+    if prefs.model_dir:
+        req["model_dir"] = bpy.path.abspath(prefs.model_dir)
+    if prefs.dinov3_dir:
+        req["dinov3_dir"] = bpy.path.abspath(prefs.dinov3_dir)
+    if prefs.rembg_dir:
+        req["rembg_dir"] = bpy.path.abspath(prefs.rembg_dir)
+    return req
+
+
+def check_backend_configured(context) -> Optional[str]:
+    prefs = get_prefs(context)
+    if not prefs.backend_python:
+        return "Backend Python not set (Preferences › Add-ons › TRELLIS.2)"
+    python = bpy.path.abspath(prefs.backend_python)
+    if not os.path.isfile(python):
+        return f"Backend Python not found: {python}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# applying results (scene edits; called inside UNDO operators)
+
+
+def _result_arrays(rec: jobs.JobRecord) -> dict:
+    return dict((rec.result or {}).get("arrays") or {})
+
+
+def _texture_dir(rec: jobs.JobRecord) -> Optional[str]:
+    folder = (rec.result or {}).get("folder")
+    return os.path.join(folder, "blender") if folder and os.path.isdir(folder) else None
+
+
+def _object_meta(rec: jobs.JobRecord) -> dict:
+    req = rec.request
+    meta = dict((rec.result or {}).get("meta") or {})
+    return {"job": rec.job_id, "seed": int(meta.get("seed", req.get("seed", 0)) or 0),
+            "pipeline": meta.get("pipeline_type", req.get("pipeline_type", req.get("target", ""))),
+            "image_hash": rec.extra.get("image_hash"),
+            "settings": {k: v for k, v in req.items() if k not in ("type", "job", "arrays")},
+            "resolution": meta.get("resolution")}
+
+
+def apply_generate(context, rec: jobs.JobRecord) -> "bpy.types.Object":
+    meta = _object_meta(rec)
+    settings = context.scene.trellis2
+    obj = mesh_import.import_result(
+        context, _result_arrays(rec), name=rec.extra.get("name", "TRELLIS"), meta=meta,
+        material_mode=rec.extra.get("material_mode", settings.material_mode), save_dir=_texture_dir(rec))
+    if meta.get("resolution"):
+        obj["trellis2_resolution"] = int(meta["resolution"])
+    return obj
+
+
+def apply_upscale(context, rec: jobs.JobRecord) -> "bpy.types.Object":
+    obj = bpy.data.objects.get(rec.extra["object"])
+    if obj is None or obj.type != "MESH":
+        raise ValueError(f"The object {rec.extra['object']!r} is gone")
+    meta = _object_meta(rec)
+    new_mesh = mesh_import.build_result_mesh(_result_arrays(rec), name=obj.name + "_1536", meta=meta,
+                                             material_mode=rec.extra.get("material_mode", "AUTO"),
+                                             save_dir=_texture_dir(rec))
+    obj.data = new_mesh  # old datablock stays in the file until saved without users; undo restores it
+    mesh_import.set_job_properties(obj, meta)
+    if meta.get("resolution"):
+        obj["trellis2_resolution"] = int(meta["resolution"])
+    obj["trellis2_upscaled_from"] = rec.extra.get("source_job", "")
+    for other in context.view_layer.objects:
+        other.select_set(other == obj)
+    context.view_layer.objects.active = obj
+    return obj
+
+
+def apply_texture(context, rec: jobs.JobRecord) -> "bpy.types.Object":
+    obj = bpy.data.objects.get(rec.extra["object"])
+    if obj is None or obj.type != "MESH":
+        raise ValueError(f"The object {rec.extra['object']!r} is gone")
+    arrays = _result_arrays(rec)
+    bc = arrays.get("base_color", arrays.get("base_color_texture"))
+    mr = arrays.get("metallic_roughness", arrays.get("metallic_roughness_texture"))
+    if bc is None:
+        raise ValueError("The texture result has no base colour image")
+    me = obj.data
+    uv_name = rec.extra.get("uv_map")
+    if rec.extra.get("new_uv") is not None:
+        uv_name = mesh_import.UV_NAME_NEW
+        if uv_name in me.uv_layers:  # a previous run made it: never overwrite, pick a free name
+            i = 1
+            while f"{uv_name}.{i:03d}" in me.uv_layers:
+                i += 1
+            uv_name = f"{uv_name}.{i:03d}"
+        mesh_import.set_uv_map(me, uv_name, rec.extra["new_uv"])
+    name = f"{obj.name}_TRELLIS"
+    save_dir = _texture_dir(rec)
+    img_bc = materials.image_from_array(f"{name}_BaseColor", bc, save_dir=save_dir)
+    img_mr = materials.image_from_array(f"{name}_MetallicRoughness", mr, non_color=True,
+                                        save_dir=save_dir) if mr is not None else None
+    blended = np.asarray(bc).ndim == 3 and np.asarray(bc).shape[2] == 4 and materials.alpha_varies(np.asarray(bc)[:, :, 3])
+    mat = materials.texture_material(name, img_bc, img_mr, uv_name, blended=blended)
+    me.materials.append(mat)  # old materials stay in their slots
+    idx = len(me.materials) - 1
+    me.polygons.foreach_set("material_index", np.full(len(me.polygons), idx, dtype=np.int32))
+    me.update()
+    obj["trellis2_texture_job"] = rec.job_id
+    if rec.extra.get("image_hash"):
+        obj["trellis2_texture_image_hash"] = rec.extra["image_hash"]
+    return obj
+
+
+APPLY = {"generate": apply_generate, "texture": apply_texture, "upscale": apply_upscale}
+
+
+def apply_record(context, rec: jobs.JobRecord):
+    obj = APPLY[rec.kind](context, rec)
+    rec.applied = True
+    context.window_manager.trellis2.last_duration = rec.duration
+    context.window_manager.trellis2.error = ""
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# operator helpers
+
+
+class _JobOperator:
+    """Shared submit/block/report logic of the three job operators."""
+
+    def fail(self, context, message: str, hint: str = "") -> set:
+        set_error(context.window_manager, message, hint)
+        # ERROR reports raise in scripted calls; batch scripts get CANCELLED plus a warning instead.
+        self.report({"WARNING"} if bpy.app.background else {"ERROR"}, message)
+        if bpy.app.background:
+            print(f"TRELLIS: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+        return {"CANCELLED"}
+
+    def submit(self, context, kind: str, request: dict, extra: dict) -> jobs.JobRecord:
+        context.window_manager.trellis2.error = ""
+        rec = manager().submit(kind, request, extra)
+        sync_state(context.window_manager)
+        return rec
+
+    def finish(self, context, recs: list) -> set:
+        """Background: wait for the jobs and apply them here (one undo step). UI: start polling."""
+        if not bpy.app.background:
+            start_polling()
+            return {"FINISHED"}
+        m = manager()
+        ok = False
+        for rec in recs:
+            m.wait(rec, timeout=JOB_TIMEOUT_S)
+            if rec.status != "done":
+                self.fail(context, rec.error or f"Job {rec.job_id} {rec.status}", rec.advice)
+                continue
+            try:
+                apply_record(context, rec)
+                ok = True
+            except Exception as exc:
+                self.fail(context, f"Could not import the result: {exc}")
+        sync_state(context.window_manager)
+        refresh_history(context.window_manager)
+        return {"FINISHED"} if ok else {"CANCELLED"}
+
+
+def _poll_common(cls, context) -> bool:
+    if job_running():
+        cls.poll_message_set("A TRELLIS job is running (cancel it first)")
+        return False
+    if not get_prefs(context).backend_python:
+        cls.poll_message_set("Set the backend Python in Preferences › Add-ons › TRELLIS.2")
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# job operators
+
+
+class TRELLIS_OT_generate(_JobOperator, bpy.types.Operator):
+    """Generate a textured 3D model from the image with TRELLIS.2"""
+
+    bl_idname = "trellis.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(name="Image", subtype="FILE_PATH", options={"SKIP_SAVE"},
+                             description="Input image file (default: the panel's image)")
+    pipeline: EnumProperty(name="Pipeline", items=PIPELINES, default="1024_cascade", options={"SKIP_SAVE"})
+    seed: IntProperty(name="Seed", default=0, min=0, max=2**31 - 1, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return _poll_common(cls, context)
+
+    def execute(self, context):
+        settings = context.scene.trellis2
+        problem = check_backend_configured(context)
+        if problem:
+            return self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
+        try:
+            image = resolve_image(context, self.filepath)
+        except ValueError as exc:
+            return self.fail(context, str(exc))
+        pipeline = self.pipeline if self.properties.is_property_set("pipeline") else settings.pipeline
+        if self.properties.is_property_set("seed"):
+            seed = self.seed
+        elif settings.randomize_seed:
+            seed = settings.seed = random.randint(0, 2**31 - 1)
+        else:
+            seed = settings.seed
+        request = dict(_common_request(context), image=image, seed=int(seed), pipeline_type=pipeline,
+                       stage_params=stage_params(settings), remove_background=bool(settings.remove_background),
+                       decimation_target=int(settings.decimation_target),
+                       texture_size=int(settings.texture_size),
+                       output="textures" if settings.material_mode == "TEXTURES" else "vertex_attrs")
+        name = bpy.path.display_name_from_filepath(image) or "TRELLIS"
+        extra = {"image_hash": jobs.file_hash(image), "name": name, "material_mode": settings.material_mode}
+        try:
+            rec = self.submit(context, "generate", request, extra)
+        except Exception as exc:
+            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
+        return self.finish(context, [rec])
+
+
+class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
+    """Texture the selected meshes from the image, baked into their UV maps (a new material is added)"""
+
+    bl_idname = "trellis.texture_selected"
+    bl_label = "Texture Selected"
+    bl_options = {"REGISTER", "UNDO"}
+
+    filepath: StringProperty(name="Image", subtype="FILE_PATH", options={"SKIP_SAVE"})
+    texture_size: IntProperty(name="Texture Size", default=2048, min=64, max=8192, options={"SKIP_SAVE"})
+    seed: IntProperty(name="Seed", default=0, min=0, max=2**31 - 1, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        if not _poll_common(cls, context):
+            return False
+        if not context.selected_objects:
+            cls.poll_message_set("Select one or more mesh objects")
+            return False
+        return True
+
+    def execute(self, context):
+        settings = context.scene.trellis2
+        objs = list(context.selected_objects)
+        meshes = [o for o in objs if o.type == "MESH"]
+        if not meshes:
+            names = ", ".join(o.name for o in objs[:3]) or "nothing"
+            return self.fail(context, f"No mesh selected ({names} is not a mesh)")
+        empty = [o.name for o in meshes if len(o.data.polygons) == 0]
+        if empty:
+            return self.fail(context, f"{empty[0]!r} has no faces to texture")
+        if context.mode != "OBJECT":
+            return self.fail(context, "Switch to Object Mode first")
+        problem = check_backend_configured(context)
+        if problem:
+            return self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
+        try:
+            image = resolve_image(context, self.filepath)
+        except ValueError as exc:
+            return self.fail(context, str(exc))
+        size = self.texture_size if self.properties.is_property_set("texture_size") else int(settings.texture_size)
+        seed = self.seed if self.properties.is_property_set("seed") else settings.seed
+        depsgraph = context.evaluated_depsgraph_get()
+        payloads = []
+        try:
+            for obj in meshes:
+                extra = {"object": obj.name, "image_hash": jobs.file_hash(image)}
+                if obj.data.uv_layers.active is not None:
+                    arrays = mesh_import.triangulated_arrays(obj, depsgraph)
+                    extra["uv_map"] = obj.data.uv_layers.active.name
+                else:
+                    loop_uv, arrays = mesh_import.smart_uv_corners(context, obj)
+                    extra["new_uv"] = loop_uv
+                if "uv" not in arrays:
+                    raise ValueError(f"{obj.name!r}: could not read UVs")
+                uvs = arrays.pop("uv").reshape(-1, 3, 2)
+                arrays["uvs"] = np.ascontiguousarray(uvs, dtype=np.float32)
+                payloads.append((arrays, extra))
+        except ValueError as exc:
+            return self.fail(context, str(exc))
+        recs = []
+        try:
+            for arrays, extra in payloads:
+                req = dict(_common_request(context), image=image, seed=int(seed), texture_size=int(size),
+                           arrays=arrays)
+                recs.append(self.submit(context, "texture", req, extra))
+        except Exception as exc:
+            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
+        return self.finish(context, recs)
+
+
+def upscale_problem(context) -> Optional[str]:
+    """Why the active object cannot be upscaled (None when it can)."""
+    obj = context.active_object
+    if obj is None or obj.type != "MESH":
+        return "Select an object generated by TRELLIS"
+    job = obj.get("trellis2_job")
+    if not job:
+        return "The active object was not generated by TRELLIS"
+    if str(obj.get("trellis2_pipeline", "")) == "1536_cascade":
+        return "Already at 1536"
+    try:
+        folder = cache_dir() / "jobs" / str(job)
+    except Exception:
+        return "No cache folder"
+    if not (folder / "state").is_dir() and not (folder / "job.json").is_file():
+        return "Its job is no longer in the cache"
+    return None
+
+
+class TRELLIS_OT_upscale(_JobOperator, bpy.types.Operator):
+    """Re-run the active TRELLIS object's job at 1536 (cascade) and replace its mesh, keeping the transform"""
+
+    bl_idname = "trellis.upscale"
+    bl_label = "Upscale to 1536"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        if not _poll_common(cls, context):
+            return False
+        problem = upscale_problem(context)
+        if problem:
+            cls.poll_message_set(problem)
+            return False
+        return True
+
+    def execute(self, context):
+        problem = check_backend_configured(context) or upscale_problem(context)
+        if problem:
+            return self.fail(context, problem)
+        obj = context.active_object
+        src = str(obj["trellis2_job"])
+        req = dict(_common_request(context), source_job=src, target="1536_cascade",
+                   stage_params=stage_params(context.scene.trellis2),
+                   decimation_target=int(context.scene.trellis2.decimation_target))
+        extra = {"object": obj.name, "source_job": src, "image_hash": obj.get("trellis2_image_hash"),
+                 "material_mode": context.scene.trellis2.material_mode}
+        try:
+            rec = self.submit(context, "upscale", req, extra)
+        except Exception as exc:
+            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
+        return self.finish(context, [rec])
+
+
+class TRELLIS_OT_apply_result(bpy.types.Operator):
+    """Import a finished job's result into the scene (run by the job timer)"""
+
+    bl_idname = "trellis.apply_result"
+    bl_label = "Apply TRELLIS Result"
+    bl_options = {"INTERNAL", "UNDO"}
+
+    job: StringProperty(options={"SKIP_SAVE"})
+
+    def execute(self, context):
+        rec = runtime.manager.jobs.get(self.job) if runtime.manager else None
+        if rec is None or rec.status != "done":
+            return {"CANCELLED"}
+        try:
+            apply_record(context, rec)
+        except Exception as exc:
+            set_error(context.window_manager, f"Could not import the result: {exc}")
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------------------------------
+# backend control
+
+
+class TRELLIS_OT_cancel(bpy.types.Operator):
+    """Cancel the running TRELLIS job"""
+
+    bl_idname = "trellis.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context):
+        if not job_running():
+            cls.poll_message_set("No job is running")
+            return False
+        return True
+
+    def execute(self, context):
+        rec = manager().active()
+        if rec is not None:
+            manager().cancel(rec.job_id)
+        return {"FINISHED"}
+
+
+class TRELLIS_OT_backend(bpy.types.Operator):
+    """Start, stop, restart the backend process or unload its models (free GPU memory)"""
+
+    bl_idname = "trellis.backend"
+    bl_label = "Backend"
+
+    action: EnumProperty(items=(("START", "Start", "Start the backend process"),
+                                ("STOP", "Stop", "Stop the backend process"),
+                                ("RESTART", "Restart", "Restart the backend process"),
+                                ("UNLOAD", "Unload", "Free the GPU memory held by the models")),
+                         options={"SKIP_SAVE"})
+
+    @classmethod
+    def description(cls, context, properties):
+        return {"START": "Start the backend process", "STOP": "Stop the backend process",
+                "RESTART": "Restart the backend process (after a crash)",
+                "UNLOAD": "Unload the models and free GPU memory"}.get(properties.action, "")
+
+    @classmethod
+    def poll(cls, context):
+        if not get_prefs(context).backend_python:
+            cls.poll_message_set("Set the backend Python in Preferences › Add-ons › TRELLIS.2")
+            return False
+        return True
+
+    def execute(self, context):
+        m = manager()
+        try:
+            if self.action in ("STOP", "RESTART"):
+                m.stop()
+            if self.action in ("START", "RESTART"):
+                problem = check_backend_configured(context)
+                if problem:
+                    raise RuntimeError(problem)
+                m.ensure_started()
+                context.window_manager.trellis2.error = ""
+                start_polling()
+            if self.action == "UNLOAD":
+                m.unload()
+        except Exception as exc:
+            set_error(context.window_manager, str(exc), jobs.ERROR_HINTS["not_configured"])
+            self.report({"WARNING"} if bpy.app.background else {"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        sync_state(context.window_manager)
+        return {"FINISHED"}
+
+
+class TRELLIS_OT_randomize_seed(bpy.types.Operator):
+    """Pick a new random seed"""
+
+    bl_idname = "trellis.randomize_seed"
+    bl_label = "Random Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context):
+        context.scene.trellis2.seed = random.randint(0, 2**31 - 1)
+        return {"FINISHED"}
+
+
+class TRELLIS_OT_clear_error(bpy.types.Operator):
+    """Dismiss the error message"""
+
+    bl_idname = "trellis.clear_error"
+    bl_label = "Dismiss"
+
+    def execute(self, context):
+        set_error(context.window_manager, "", "")
+        return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------------------------------
+# import and history
+
+
+def load_ovoxel_arrays(path: str) -> tuple[dict, dict]:
+    """Mesh arrays (+ PBR) and meta from an O-Voxel file (codec) or a result ``.npz`` (vertices/faces)."""
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if {"vertices", "faces"} <= names:
+                return {k: z[k] for k in names}, {}
+    from .backend import ovoxel  # numpy-only codec bundled with the extension
+
+    ov = ovoxel.load(path)
+    decoded = ovoxel.decode_ovoxel(ov)
+    if isinstance(decoded, tuple):
+        vertices, faces = decoded[0], decoded[1]
+    elif isinstance(decoded, dict):
+        vertices, faces = decoded["vertices"], decoded["faces"]
+    else:
+        vertices, faces = decoded.vertices, decoded.faces
+    arrays = {"vertices": np.asarray(vertices, np.float32), "faces": np.asarray(faces, np.int32)}
+    attrs = getattr(ov, "attrs", None)
+    resolution = int(getattr(ov, "resolution", 0) or 0)
+    if attrs is not None and resolution:
+        aabb = np.asarray(getattr(ov, "aabb", ((-0.5,) * 3, (0.5,) * 3)), dtype=np.float64)
+        arrays["attrs"] = mesh_import.voxel_attrs_at(arrays["vertices"], np.asarray(ov.coords), np.asarray(attrs),
+                                                     resolution, aabb)
+    return arrays, {"resolution": resolution}
+
+
+class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
+    """Import an O-Voxel file (.npz / .vxz) or a TRELLIS result (.npz) as a mesh with PBR material"""
+
+    bl_idname = "trellis.import_ovoxel"
+    bl_label = "Import O-Voxel"
+    bl_options = {"REGISTER", "UNDO", "PRESET"}
+
+    filename_ext = ".npz"
+    filter_glob: StringProperty(default="*.npz;*.vxz", options={"HIDDEN"})
+
+    def execute(self, context):
+        path = self.filepath
+        if not os.path.isfile(path):
+            self.report({"ERROR"}, f"File not found: {path}")
+            return {"CANCELLED"}
+        try:
+            arrays, meta = load_ovoxel_arrays(path)
+            name = bpy.path.display_name_from_filepath(path) or "OVoxel"
+            obj = mesh_import.import_result(context, arrays, name=name, material_mode="VERTEX",
+                                            meta={"job": meta.get("job")})
+        except Exception as exc:
+            self.report({"ERROR"}, f"Cannot import {os.path.basename(path)}: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")
+        return {"FINISHED"}
+
+
+class TRELLIS_OT_history_refresh(bpy.types.Operator):
+    """Reload the job history from the cache folder"""
+
+    bl_idname = "trellis.history_refresh"
+    bl_label = "Refresh History"
+
+    def execute(self, context):
+        refresh_history(context.window_manager)
+        return {"FINISHED"}
+
+
+def _history_item(context):
+    st = context.window_manager.trellis2
+    if 0 <= st.history_index < len(st.history):
+        return st.history[st.history_index]
+    return None
+
+
+class TRELLIS_OT_history_reimport(bpy.types.Operator):
+    """Import the selected job's stored result again"""
+
+    bl_idname = "trellis.history_reimport"
+    bl_label = "Re-import"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        item = _history_item(context)
+        if item is None or not os.path.isfile(os.path.join(item.folder, "result", "result.npz")):
+            cls.poll_message_set("Select a finished job with a stored result")
+            return False
+        return True
+
+    def execute(self, context):
+        item = _history_item(context)
+        folder = item.folder
+        try:
+            arrays, _ = load_ovoxel_arrays(os.path.join(folder, "result", "result.npz"))
+            rec = jobs.JobRecord(item.name, item.kind or "generate",
+                                 {"seed": item.seed, "pipeline_type": item.pipeline},
+                                 {"name": item.name})
+            rec.result = {"arrays": arrays, "meta": _read_json(os.path.join(folder, "result", "meta.json")),
+                          "folder": folder}
+            rec.status = "done"
+            if rec.kind == "texture":
+                raise ValueError("Texture jobs are re-applied with Texture Selected")
+            apply_generate(context, rec)
+        except Exception as exc:
+            self.report({"ERROR"}, f"Re-import failed: {exc}")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+class TRELLIS_OT_history_rerun(_JobOperator, bpy.types.Operator):
+    """Run the selected job again with a new random seed"""
+
+    bl_idname = "trellis.history_rerun"
+    bl_label = "Re-run with New Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        if not _poll_common(cls, context):
+            return False
+        item = _history_item(context)
+        if item is None or item.kind not in ("generate", "upscale") or not item.image_path:
+            cls.poll_message_set("Select a generate job whose input image is stored")
+            return False
+        return True
+
+    def execute(self, context):
+        item = _history_item(context)
+        seed = random.randint(0, 2**31 - 1)
+        return bpy.ops.trellis.generate(filepath=item.image_path, seed=seed,
+                                        pipeline=item.pipeline if item.pipeline in {p[0] for p in PIPELINES}
+                                        else context.scene.trellis2.pipeline)
+
+
+class TRELLIS_OT_history_open_folder(bpy.types.Operator):
+    """Open the selected job's folder"""
+
+    bl_idname = "trellis.history_open_folder"
+    bl_label = "Open Folder"
+
+    @classmethod
+    def poll(cls, context):
+        if _history_item(context) is None:
+            cls.poll_message_set("Select a job in the history")
+            return False
+        return True
+
+    def execute(self, context):
+        return bpy.ops.trellis.open_path(path=_history_item(context).folder)
+
+
+CLASSES = (
+    TRELLIS_OT_generate, TRELLIS_OT_texture_selected, TRELLIS_OT_upscale, TRELLIS_OT_apply_result,
+    TRELLIS_OT_cancel, TRELLIS_OT_backend, TRELLIS_OT_randomize_seed, TRELLIS_OT_clear_error,
+    TRELLIS_OT_import_ovoxel, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,
+    TRELLIS_OT_history_rerun, TRELLIS_OT_history_open_folder,
+)
+
+
+@bpy.app.handlers.persistent
+def _on_load_post(*_args) -> None:
+    """A new file has a fresh WindowManager: refill the history and backend state."""
+    try:
+        refresh_history()
+        sync_state()
+    except Exception:  # never break file loading
+        pass
+
+
+def _initial_refresh():
+    _on_load_post()
+    return None
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    import atexit
+
+    atexit.register(runtime.reset)
+    bpy.app.handlers.load_post.append(_on_load_post)
+    if not bpy.app.background:
+        bpy.app.timers.register(_initial_refresh, first_interval=0.5)
+
+
+def unregister() -> None:
+    import atexit
+
+    atexit.unregister(runtime.reset)
+    if _on_load_post in bpy.app.handlers.load_post:
+        bpy.app.handlers.load_post.remove(_on_load_post)
+    for timer in (_job_timer, _initial_refresh):
+        if bpy.app.timers.is_registered(timer):
+            bpy.app.timers.unregister(timer)
+    runtime.reset()
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

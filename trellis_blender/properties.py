@@ -1,0 +1,98 @@
+"""Property groups: per-file generation settings on the Scene, transient job state on the WindowManager.
+
+``Scene.trellis2`` (saved with the .blend): input image, pipeline, seed, per-stage steps/guidance and
+output options. ``WindowManager.trellis2`` (never saved): backend state, running job progress, last
+error and the job history list (rebuilt from the cache folder).
+"""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
+                       PointerProperty, StringProperty)
+
+PIPELINES = (
+    ("512", "512", "Fast preview (512³ sparse structure)"),
+    ("1024", "1024", "1024 direct"),
+    ("1024_cascade", "1024 Cascade", "512 then 1024 (recommended)"),
+    ("1536_cascade", "1536 Cascade", "512 then 1536: most detail, most memory"),
+)
+MATERIAL_MODES = (
+    ("TEXTURES", "Baked Textures", "Base colour and metallic/roughness images on a UV map (exportable)"),
+    ("VERTEX", "Vertex Attributes", "Fast preview: PBR values stored per vertex"),
+)
+TEXTURE_SIZES = tuple((str(s), f"{s} px", f"{s}×{s} textures") for s in (512, 1024, 2048, 4096))
+
+
+class TRELLIS_PG_settings(bpy.types.PropertyGroup):
+    image: PointerProperty(name="Image", type=bpy.types.Image, description="Input image (a Blender image)")
+    remove_background: BoolProperty(
+        name="Remove Background", default=True,
+        description="Cut the object out of the image first (needs the background-removal model, "
+                    "otherwise the image's alpha channel is used)")
+    pipeline: EnumProperty(name="Pipeline", items=PIPELINES, default="1024_cascade")
+    seed: IntProperty(name="Seed", default=42, min=0, max=2**31 - 1)
+    randomize_seed: BoolProperty(name="Randomize", default=False, description="A new random seed for each run")
+    ss_steps: IntProperty(name="Steps", default=12, min=1, max=100, description="Sparse-structure sampler steps")
+    ss_guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=20.0, description="Sparse-structure CFG")
+    shape_steps: IntProperty(name="Steps", default=12, min=1, max=100, description="Shape sampler steps")
+    shape_guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=20.0, description="Shape CFG")
+    tex_steps: IntProperty(name="Steps", default=12, min=1, max=100, description="Texture sampler steps")
+    tex_guidance: FloatProperty(name="Guidance", default=1.0, min=0.0, max=20.0, description="Texture CFG")
+    material_mode: EnumProperty(name="Material", items=MATERIAL_MODES, default="TEXTURES")
+    decimation_target: IntProperty(name="Max Faces", default=500_000, min=1_000, max=20_000_000,
+                                   description="Decimate the generated mesh to at most this many faces")
+    texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="2048")
+
+
+class TRELLIS_PG_history_item(bpy.types.PropertyGroup):
+    # ``name`` (from PropertyGroup) holds the job id.
+    kind: StringProperty(name="Kind")
+    pipeline: StringProperty(name="Pipeline")
+    seed: IntProperty(name="Seed")
+    duration: FloatProperty(name="Duration", subtype="TIME_ABSOLUTE", unit="TIME_ABSOLUTE")
+    folder: StringProperty(name="Folder", subtype="DIR_PATH")
+    image_path: StringProperty(name="Image", subtype="FILE_PATH")
+    thumbnail: StringProperty(name="Thumbnail", subtype="FILE_PATH")
+    status: StringProperty(name="Status")
+    created: StringProperty(name="Created")
+
+
+class TRELLIS_PG_state(bpy.types.PropertyGroup):
+    backend_state: EnumProperty(
+        name="Backend", default="STOPPED",
+        items=(("STOPPED", "Not Started", ""), ("STARTING", "Starting", ""), ("READY", "Ready", ""),
+               ("BUSY", "Busy", ""), ("CRASHED", "Stopped", "")))
+    backend_info: StringProperty(name="Backend Info")
+    running: BoolProperty(name="Running")
+    job_id: StringProperty(name="Job")
+    job_kind: StringProperty(name="Job Kind")
+    stage: StringProperty(name="Stage")
+    step: IntProperty(name="Step")
+    total: IntProperty(name="Total")
+    eta: FloatProperty(name="ETA")
+    progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR")
+    error: StringProperty(name="Error")
+    error_hint: StringProperty(name="Hint")
+    log_path: StringProperty(name="Log", subtype="FILE_PATH")
+    last_duration: FloatProperty(name="Last Duration")
+    history: CollectionProperty(type=TRELLIS_PG_history_item)
+    history_index: IntProperty(name="Selected Job", default=0)
+    show_history: BoolProperty(name="History", default=False)
+
+
+CLASSES = (TRELLIS_PG_settings, TRELLIS_PG_history_item, TRELLIS_PG_state)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.trellis2 = PointerProperty(type=TRELLIS_PG_settings)
+    bpy.types.WindowManager.trellis2 = PointerProperty(type=TRELLIS_PG_state)
+
+
+def unregister() -> None:
+    del bpy.types.WindowManager.trellis2
+    del bpy.types.Scene.trellis2
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,212 @@
+"""Sidebar panel (View3D › Sidebar › TRELLIS), history list, Object menu and File › Import entries."""
+
+from __future__ import annotations
+
+import os
+
+import bpy
+import bpy.utils.previews
+
+
+
+STATE_ICONS = {"STOPPED": "RADIOBUT_OFF", "STARTING": "SORTTIME", "READY": "CHECKMARK", "BUSY": "SORTTIME",
+               "CRASHED": "ERROR"}
+_previews = None
+
+
+def _thumbnail(path: str) -> int:
+    """Icon id of an image file's preview (0 when unavailable)."""
+    global _previews
+    if not path or not os.path.isfile(path):
+        return 0
+    try:
+        if _previews is None:
+            _previews = bpy.utils.previews.new()
+        if path not in _previews:
+            _previews.load(path, path, "IMAGE")
+        return _previews[path].icon_id
+    except Exception:  # previews need a GPU context in some builds
+        return 0
+
+
+def _backend_python_set(context) -> bool:
+    from .preferences import get_prefs
+
+    return bool(get_prefs(context).backend_python)
+
+
+class TRELLIS_PT_main(bpy.types.Panel):
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "TRELLIS"
+    bl_label = "TRELLIS.2"
+
+    def draw(self, context):
+        layout = self.layout
+        settings = context.scene.trellis2
+        st = context.window_manager.trellis2
+
+        # Backend row
+        box = layout.box()
+        row = box.row(align=True)
+        state_label = st.bl_rna.properties["backend_state"].enum_items[st.backend_state].name
+        row.label(text=f"Backend: {state_label}", icon=STATE_ICONS.get(st.backend_state, "NONE"))
+        if st.backend_state in ("STOPPED", "CRASHED"):
+            op = row.operator("trellis.backend", text="", icon="PLAY")
+            op.action = "START"
+        else:
+            op = row.operator("trellis.backend", text="", icon="UNLINKED")
+            op.action = "UNLOAD"
+            op = row.operator("trellis.backend", text="", icon="CANCEL")
+            op.action = "STOP"
+        if st.backend_info:
+            box.label(text=st.backend_info)
+        if not _backend_python_set(context):
+            box.label(text="Set the backend Python in Preferences", icon="INFO")
+
+        # Error box
+        if st.error:
+            err = layout.box()
+            err.alert = True
+            col = err.column(align=True)
+            col.label(text=st.error[:120], icon="ERROR")
+            if st.error_hint:
+                col.label(text=st.error_hint[:120])
+            row = err.row(align=True)
+            if st.log_path:
+                op = row.operator("trellis.open_path", text="Open Log", icon="TEXT")
+                op.path = st.log_path
+            op = row.operator("trellis.backend", text="Restart", icon="FILE_REFRESH")
+            op.action = "RESTART"
+            row.operator("trellis.clear_error", text="", icon="X")
+
+        # Input
+        col = layout.column(align=True)
+        col.label(text="Image", icon="IMAGE_DATA")
+        col.template_ID(settings, "image", open="image.open")
+        if settings.image is not None:
+            col.template_icon(icon_value=layout.icon(settings.image), scale=6.0)
+        col.prop(settings, "remove_background")
+
+        # Settings
+        col = layout.column()
+        col.prop(settings, "pipeline", text="")
+        row = col.row(align=True)
+        row.prop(settings, "seed")
+        row.operator("trellis.randomize_seed", text="", icon="FILE_REFRESH")
+        row.prop(settings, "randomize_seed", text="", icon="MOD_NOISE", toggle=True)
+
+        header, body = layout.panel("trellis_sampling", default_closed=True)
+        header.label(text="Sampling")
+        if body is not None:
+            for title, steps, guidance in (("Structure", "ss_steps", "ss_guidance"),
+                                           ("Shape", "shape_steps", "shape_guidance"),
+                                           ("Texture", "tex_steps", "tex_guidance")):
+                sub = body.column(align=True)
+                sub.label(text=title)
+                row = sub.row(align=True)
+                row.prop(settings, steps)
+                row.prop(settings, guidance)
+
+        header, body = layout.panel("trellis_output", default_closed=True)
+        header.label(text="Output")
+        if body is not None:
+            body.prop(settings, "material_mode")
+            body.prop(settings, "decimation_target")
+            body.prop(settings, "texture_size")
+
+        # Action
+        if st.running:
+            row = layout.row(align=True)
+            row.progress(factor=st.progress, type="BAR", text=st.stage or "Working…")
+            row.operator("trellis.cancel", text="", icon="CANCEL")
+        else:
+            col = layout.column(align=True)
+            col.scale_y = 1.5
+            col.operator("trellis.generate", icon="SHADERFX")
+            layout.operator("trellis.texture_selected", icon="TEXTURE")
+            if st.last_duration > 0:
+                layout.label(text=f"Last job: {st.last_duration:.1f} s", icon="TIME")
+
+
+class TRELLIS_UL_history(bpy.types.UIList):
+    """One row per job: thumbnail, kind/pipeline, seed, duration."""
+
+    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index=0):
+        thumb = _thumbnail(item.image_path)
+        row = layout.row(align=True)
+        text = f"{item.pipeline or item.kind} · seed {item.seed}"
+        if thumb:
+            row.label(text=text, icon_value=thumb)
+        else:
+            row.label(text=text, icon="MESH_MONKEY" if item.kind != "texture" else "TEXTURE")
+        row.label(text=f"{item.duration:.0f} s" if item.duration else item.status)
+
+
+class TRELLIS_PT_history(bpy.types.Panel):
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "TRELLIS"
+    bl_label = "History"
+    bl_parent_id = "TRELLIS_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        st = context.window_manager.trellis2
+        row = layout.row()
+        row.template_list("TRELLIS_UL_history", "", st, "history", st, "history_index", rows=4)
+        col = row.column(align=True)
+        col.operator("trellis.history_refresh", text="", icon="FILE_REFRESH")
+        col.operator("trellis.history_open_folder", text="", icon="FILE_FOLDER")
+        if 0 <= st.history_index < len(st.history):
+            item = st.history[st.history_index]
+            box = layout.box()
+            box.label(text=item.name)
+            box.label(text=f"{item.kind} · {item.pipeline} · seed {item.seed} · {item.created}")
+            row = box.row(align=True)
+            row.operator("trellis.history_reimport", icon="IMPORT")
+            row.operator("trellis.history_rerun", icon="FILE_REFRESH")
+
+
+class TRELLIS_MT_object(bpy.types.Menu):
+    bl_idname = "TRELLIS_MT_object"
+    bl_label = "TRELLIS"
+
+    def draw(self, context):
+        layout = self.layout
+        layout.operator("trellis.upscale", text="Upscale to 1536", icon="MOD_SUBSURF")
+        layout.operator("trellis.texture_selected", text="Texture with TRELLIS", icon="TEXTURE")
+
+
+def draw_object_menu(self, context):
+    self.layout.separator()
+    self.layout.menu("TRELLIS_MT_object")
+
+
+def draw_import_menu(self, context):
+    self.layout.operator("trellis.import_ovoxel", text="O-Voxel (.npz/.vxz)")
+
+
+CLASSES = (TRELLIS_PT_main, TRELLIS_UL_history, TRELLIS_PT_history, TRELLIS_MT_object)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.VIEW3D_MT_object.append(draw_object_menu)
+    bpy.types.TOPBAR_MT_file_import.append(draw_import_menu)
+
+
+def unregister() -> None:
+    global _previews
+    bpy.types.TOPBAR_MT_file_import.remove(draw_import_menu)
+    bpy.types.VIEW3D_MT_object.remove(draw_object_menu)
+    if _previews is not None:
+        try:
+            bpy.utils.previews.remove(_previews)
+        except Exception:
+            pass
+        _previews = None
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
