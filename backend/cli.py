@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     ".pipelines.cli",
     ".server",
     ".selftest",
+    ".ovoxel.cli",
 )
 
 

@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -66,14 +66,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
-    """Write ``data`` to ``path`` atomically (tmp file in the same folder + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Let ``write`` fill a tmp file next to ``path`` (whose folder exists), fsync it, rename it to
+    ``path``; on any error the tmp file is removed and the error re-raised."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -85,6 +84,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Pat
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to ``path`` atomically (tmp file in the same folder + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _replace_atomically(path, lambda fh: fh.write(data))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -102,21 +108,7 @@ def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, Any], *, compr
         if a.dtype.hasobject:
             raise TypeError(f"array {k!r} has an object dtype; refusing to pickle")
         clean[str(k)] = a
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (np.savez_compressed if compress else np.savez)(fh, **clean)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _replace_atomically(path, lambda fh: (np.savez_compressed if compress else np.savez)(fh, **clean))
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -154,6 +154,8 @@ class PipelineRunner:
                 raise _errors.MissingWeights("No model folder configured (set it in the add-on Preferences).")
             self.server_status(ctx, "loading")
             self._pipe = pipelines.load_pipeline(model_dir, device=ctx.msg.get("device", self.device),
+                                                 dinov3_dir=ctx.msg.get("dinov3_dir") or None,
+                                                 ss_decoder_dir=ctx.msg.get("ss_decoder_dir") or None,
                                                  low_vram=bool(ctx.msg.get("low_vram", self.low_vram)))
             self.loaded = True
             self.server_status(ctx, "busy")
@@ -173,7 +175,7 @@ class PipelineRunner:
             res = pipe.generate(_load_image(ctx), pipeline_type=s.get("pipeline_type") or None,
                                 seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)), **common)
             res.state.save(ctx.job.root / "state")
-            return "mesh", _generation_meta(res), _generation_arrays(res)
+            return "mesh", _generation_meta(res), _generation_arrays(res, s)
         if ctx.kind == "upscale":
             from .pipelines import JobState
 
@@ -183,7 +185,7 @@ class PipelineRunner:
             state = JobState.load(src.root / "state")
             res = pipe.upscale(state, **common)
             res.state.save(ctx.job.root / "state")
-            return "mesh", _generation_meta(res), _generation_arrays(res)
+            return "mesh", _generation_meta(res), _generation_arrays(res, s)
         if ctx.kind == "texture":
             a = ctx.arrays
             for key in ("vertices", "faces"):
@@ -243,10 +245,21 @@ def _generation_meta(res: Any) -> dict[str, Any]:
             "peak_memory": dict(res.peak_memory)}
 
 
-def _generation_arrays(res: Any) -> dict[str, np.ndarray]:
-    return {"vertices": np.asarray(res.vertices, np.float32), "faces": np.asarray(res.faces, np.int32),
-            "coords": res.coords, "dual_vertices": res.dual_vertices, "intersected": res.intersected,
-            "split_weight": res.split_weight, "attrs": res.attrs}
+def _generation_arrays(res: Any, request: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The result arrays: the O-Voxel and its mesh; with ``output == "textures"`` the mesh is
+    (optionally decimated to ``decimation_target`` faces,) UV-unwrapped and carries baked
+    ``uvs [F,3,2]``, ``base_color [S,S,4]`` and glTF ``metallic_roughness [S,S,4]`` images."""
+    arrays = {"vertices": np.asarray(res.vertices, np.float32), "faces": np.asarray(res.faces, np.int32),
+              "coords": res.coords, "dual_vertices": res.dual_vertices, "intersected": res.intersected,
+              "split_weight": res.split_weight, "attrs": res.attrs}
+    if request.get("output") == "textures":
+        from .pipelines.export import generation_to_textured_mesh
+
+        v, f, uv, base, mr = generation_to_textured_mesh(
+            res, texture_size=int(request.get("texture_size") or 2048),
+            decimate=int(request.get("decimation_target") or 0) or None)
+        arrays.update(vertices=v, faces=f, uvs=uv, base_color=base, metallic_roughness=mr)
+    return arrays
 
 
 # --------------------------------------------------------------------------------------------------

@@ -39,8 +39,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backend.modules.sparse.conv import build_neighbor_map  # noqa: E402
-from benchmarks.sparse_conv import shell_coords  # noqa: E402
 from kernels import attr_sample, mesh_extract, registry, sparse_conv  # noqa: E402
+
+
+#: ``--interpret-smoke``: tiny sizes, Triton rows through the CPU interpreter.
+SMOKE = False
 
 
 def bench(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
@@ -95,23 +98,59 @@ def _spconv_conv(coords: torch.Tensor, feats: torch.Tensor, weight: torch.Tensor
     return run
 
 
+def shell_voxels(n_target: int, band: float = 0.9) -> tuple[torch.Tensor, float, int]:
+    """Voxels whose centre lies within ``band`` of a sphere sized for about ``n_target`` voxels.
+
+    Returns ``(coords [N, 3] int32 in lexicographic order, radius, R)``. With ``band ≥ √3/2`` every
+    voxel around a primal edge that the sphere crosses is present, so the decoded mesh is closed.
+    Built per (x, y) column from the analytic z intervals (no R³ enumeration).
+    """
+    r = math.sqrt(n_target / (4 * math.pi * 2 * band))
+    R = int(2 * (r + band)) + 4
+    ctr = R / 2.0
+    ax = torch.arange(R, dtype=torch.float64) + 0.5 - ctr
+    dxy2 = (ax[:, None] ** 2 + ax[None, :] ** 2).reshape(-1)               # [R*R] column (x, y)
+    hi2 = (r + band) ** 2 - dxy2
+    lo2 = ((r - band) ** 2 - dxy2).clamp(min=0)
+    a = torch.sqrt(lo2)
+    b = torch.sqrt(hi2.clamp(min=0))
+    full = lo2 <= 0                                     # the inner sphere misses this column: one interval
+    zs, xs = [], []
+    for lo_d, hi_d, use in ((torch.where(full, -b, -b), torch.where(full, b, -a), hi2 >= 0),
+                            (a, b, (hi2 >= 0) & ~full)):
+        lo_i = torch.ceil(lo_d + ctr - 0.5).long().clamp(0, R - 1)
+        hi_i = torch.floor(hi_d + ctr - 0.5).long().clamp(-1, R - 1)
+        cnt = torch.where(use & (hi_i >= lo_i), hi_i - lo_i + 1, torch.zeros_like(lo_i))
+        col = torch.repeat_interleave(torch.arange(R * R), cnt)
+        start = torch.repeat_interleave(lo_i, cnt)
+        off = torch.arange(int(cnt.sum())) - torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+        xs.append(col)
+        zs.append(start + off)
+    col = torch.cat(xs)
+    z = torch.cat(zs)
+    coords = torch.stack([col // R, col % R, z], 1)
+    key = (coords[:, 0] * R + coords[:, 1]) * R + coords[:, 2]
+    key = torch.unique(key)                                                   # sorted = lexicographic
+    coords = torch.stack([key // (R * R), (key // R) % R, key % R], 1).int()
+    return coords, r, R
+
+
 def sphere_ovoxel(n_target: int, device: torch.device, seed: int = 0):
-    """A shell of about ``n_target`` voxels with flags set where the exact sphere crosses the primal edges."""
-    c = shell_coords(n_target, seed)[:, 1:].to(device)
-    R = int(c.max()) + 4
-    r = math.sqrt(n_target / (4 * math.pi * 1.55)) + 0.75
-    centre = (c.max(0).values + c.min(0).values + 1).double() / 2
-    corner = c.double() + 1.0                                   # max corner of each voxel
+    """A closed sphere O-Voxel of about ``n_target`` voxels: flags where the sphere crosses primal edges."""
+    c64, r, R = shell_voxels(n_target)
+    c = c64.to(device)
+    centre = torch.full((3,), R / 2.0, dtype=torch.float64, device=device)
+    corner = c.double() + 1.0                                                 # max corner of each voxel
     flags = torch.zeros(c.shape[0], 3, dtype=torch.bool, device=device)
     f0 = (corner - centre).norm(dim=1) - r
     for a in range(3):
         e = corner.clone()
-        e[:, a] -= 1.0                                          # edge from (corner - e_a) to corner
+        e[:, a] -= 1.0                                                        # edge from (corner - e_a) to corner
         flags[:, a] = (f0 > 0) != ((e - centre).norm(dim=1) - r > 0)
     g = torch.Generator(device="cpu").manual_seed(seed)
     dv = torch.rand(c.shape[0], 3, generator=g).to(device)
     gamma = (torch.rand(c.shape[0], 1, generator=g) * 2).to(device)
-    return c.int(), dv, flags, gamma, R
+    return c, dv, flags, gamma, R
 
 
 def run_conv(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> list[dict[str, Any]]:
@@ -124,8 +163,11 @@ def run_conv(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> l
         cases = [(100_000, 64, torch.float32), (20_000, 256, torch.float32)]
         if quick:
             cases = [(20_000, 64, torch.float32)]
+        if SMOKE:
+            cases = [(400, 16, torch.float32)]
     for n, ch, dtype in cases:
-        coords = shell_coords(n).to(device)
+        c3 = shell_voxels(n)[0]
+        coords = torch.cat([torch.zeros(c3.shape[0], 1, dtype=torch.int32), c3], 1).to(device)
         t0 = time.perf_counter()
         nbr = build_neighbor_map(coords)
         if device.type == "cuda":
@@ -147,11 +189,18 @@ def run_conv(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> l
                 out = tk.submanifold_conv3d(feats, nbr, w, b)
                 row["max_abs_err_vs_reference"] = float((out.float() - ref.float()).abs().max())
                 row["triton_ms"] = 1e3 * bench(lambda: tk.submanifold_conv3d(feats, nbr, w, None), reps, device)
+                old_skip = tk.SKIP_EMPTY_TAPS
+                tk.SKIP_EMPTY_TAPS = True  # the tap-major variant that skips empty taps
+                try:
+                    row["triton_skip_empty_ms"] = 1e3 * bench(lambda: tk.submanifold_conv3d(feats, nbr, w, None),
+                                                              reps, device)
+                finally:
+                    tk.SKIP_EMPTY_TAPS = old_skip
             sp = _spconv_conv(coords, feats, w) if device.type == "cuda" else None
             if sp is not None:
                 row["spconv_ms"] = 1e3 * bench(sp, reps, device)
         flops = 2.0 * float((nbr >= 0).sum()) * ch * ch
-        for k in ("reference_ms", "triton_ms", "spconv_ms"):
+        for k in ("reference_ms", "triton_ms", "triton_skip_empty_ms", "spconv_ms"):
             if k in row:
                 row[k.replace("_ms", "_tflops")] = flops / (row[k] * 1e-3) / 1e12
         rows.append(row)
@@ -162,6 +211,8 @@ def run_conv(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> l
 
 def run_mesh(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> list[dict[str, Any]]:
     n = (4_000_000 if not quick else 500_000) if device.type == "cuda" else (250_000 if not quick else 50_000)
+    if SMOKE:
+        n = 3000
     c, dv, flags, gamma, R = sphere_ovoxel(n, device)
     row: dict[str, Any] = dict(case="mesh", n=int(c.shape[0]), R=R, device=device.type)
 
@@ -199,6 +250,8 @@ def run_bake(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> l
         side, n = (4096, 1_000_000) if not quick else (1024, 250_000)
     else:
         side, n = (512, 250_000) if not quick else (256, 50_000)
+    if SMOKE:
+        side, n = 32, 3000
     c, _, _, _, R = sphere_ovoxel(n, device)
     g = torch.Generator(device="cpu").manual_seed(1)
     attrs = torch.rand(c.shape[0], 6, generator=g).to(device)
@@ -237,12 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--interpret-smoke", action="store_true",
+                    help="CPU only: run the Triton rows under TRITON_INTERPRET=1 on tiny sizes (checks this "
+                         "script's GPU code path; the times mean nothing)")
     args = ap.parse_args(argv)
+    if args.interpret_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.device = "cpu"
+        global SMOKE
+        SMOKE = True
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    triton_ok = device.type == "cuda" and registry.triton_available()
+    triton_ok = (device.type == "cuda" or SMOKE) and registry.triton_available()
     print(f"# device={device} torch={torch.__version__} triton={registry._triton_version()} "
           f"threads={torch.get_num_threads()}")
     if device.type == "cuda":

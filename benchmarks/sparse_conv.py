@@ -40,7 +40,7 @@ from backend.modules.sparse.conv import submanifold_conv3d  # noqa: E402
 
 def shell_coords(n_target: int, seed: int = 0) -> torch.Tensor:
     """``[N, 4]`` int32 voxels of a ~1.5-voxel-thick sphere shell with about ``n_target`` voxels."""
-    r = math.sqrt(n_target / (4 * math.pi * 1.55))
+    r = math.sqrt(n_target / (4 * math.pi * 2.04))
     m = int(4 * math.pi * r * r * 6)
     g = torch.Generator().manual_seed(seed)
     d = torch.randn(m, 3, generator=g)

@@ -10,6 +10,10 @@ Public ops (tensors in, tensors out, any device):
 
 Selection: ``TRELLIS_KERNELS=auto|reference|triton`` (see :mod:`kernels.registry`). ``import kernels``
 never imports Triton; the Triton modules (``kernels.triton_*``) are imported on first use.
+
+Checks without a GPU: :mod:`kernels.testing` loads a kernel module under the CPU interpreter
+(``TRITON_INTERPRET=1``) for parity tests; ``python -m kernels.aot_check --arch 80 90`` compiles every
+kernel to NVIDIA cubins with Triton's bundled ``ptxas``.
 """
 
 from . import registry

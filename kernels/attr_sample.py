@@ -3,13 +3,16 @@
 ``backend.ovoxel.sample_attributes(coords, attrs, resolution, aabb, points)``: voxel values sit at
 the centres ``aabb[0] + (coords + 0.5)·s``; each world point is weighted trilinearly over its 8
 surrounding centres, **only existing voxels count and the weights are renormalised** over them; a
-point whose existing neighbours have zero total weight (in particular, none exist) gets 0.
+point whose existing neighbours have zero total weight (in particular, none exist) gets 0, and so
+does a non-finite point.
 
 Here the same on torch tensors (any device). The voxel index is built once by
 :class:`AttributeSampler`; the per-point work is the dispatched op ``attr_sample``
-(reference: :func:`_reference_sample`, torch ``searchsorted``; kernel:
+(reference: :func:`_reference_sample`, torch ``searchsorted``, one per pair of z-adjacent corners; kernel:
 :mod:`kernels.triton_attr_sample`, binary search + gather fused, one pass over the points).
-Arithmetic is fp32: ``u = (p − aabb[0]) / s − 0.5``, ``i0 = floor(u)``, ``f = u − i0``.
+Arithmetic is fp32 (the codec uses float64): ``u = (p − aabb[0]) / s − 0.5``, ``i0 = floor(u)``,
+``f = u − i0``. At R = 1024 the fp32 position error is ≤ 6e-5 voxel, i.e. sample differences of
+order 1e-4 × the attribute range, far below the uint8 texture step (4e-3).
 """
 
 from __future__ import annotations
@@ -45,21 +48,36 @@ def _reference_sample(index: SortedVoxelIndex, attrs: torch.Tensor, points: torc
     if index.n == 0 or P == 0:
         return out
     a32 = attrs.float()
-    corners = torch.tensor([[(k >> 2) & 1, (k >> 1) & 1, k & 1] for k in range(8)], device=points.device)
+    R, n, keys, rows = index.resolution, index.n, index.keys, index.rows
     for s0 in range(0, P, REFERENCE_CHUNK):
         p = points[s0:s0 + REFERENCE_CHUNK].float()
         u = (p - lo) / s - 0.5
+        u = torch.where(torch.isfinite(u).all(dim=1, keepdim=True), u, -10.0)  # NaN / inf points -> 0
         i0 = torch.floor(u)
         f = u - i0
         i0 = i0.long()
         acc = torch.zeros(p.shape[0], C, dtype=torch.float32, device=p.device)
         wsum = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-        for d in corners:
-            w = torch.where(d.bool(), f, 1.0 - f).prod(dim=1)
-            row = index.lookup(i0 + d)
-            w = torch.where(row >= 0, w, torch.zeros_like(w))
-            acc += w[:, None] * a32[row.clamp(min=0)]
-            wsum += w
+        iz = i0[:, 2]
+        fz = f[:, 2]
+        # corners (dx, dy, z) and (dx, dy, z + 1) have adjacent keys: one searchsorted per pair
+        for dx in (0, 1):
+            for dy in (0, 1):
+                cx, cy = i0[:, 0] + dx, i0[:, 1] + dy
+                in_xy = (cx >= 0) & (cx < R) & (cy >= 0) & (cy < R)
+                v0 = in_xy & (iz >= 0) & (iz < R)
+                v1 = in_xy & (iz + 1 >= 0) & (iz + 1 < R)
+                q = (cx * R + cy) * R + iz
+                pos = torch.searchsorted(keys, q)
+                found0 = (pos < n) & (keys[pos.clamp(max=n - 1)] == q)
+                pos1 = pos + found0.long()
+                hit1 = v1 & (pos1 < n) & (keys[pos1.clamp(max=n - 1)] == q + 1)
+                hit0 = v0 & found0
+                wxy = (f[:, 0] if dx else 1.0 - f[:, 0]) * (f[:, 1] if dy else 1.0 - f[:, 1])
+                for hit, at, w in ((hit0, pos, wxy * (1.0 - fz)), (hit1, pos1, wxy * fz)):
+                    w = torch.where(hit, w, torch.zeros_like(w))
+                    acc += w[:, None] * a32[rows[at.clamp(max=n - 1)]]
+                    wsum += w
         ok = wsum > 0
         out[s0:s0 + p.shape[0]] = torch.where(ok[:, None], acc / torch.where(ok, wsum, 1.0)[:, None], 0.0)
     return out

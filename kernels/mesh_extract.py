@@ -21,7 +21,7 @@ are a few elementwise torch ops on the device.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 

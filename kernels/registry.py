@@ -12,8 +12,9 @@ Selection (:func:`select`), per call, from the device of the op's main tensor:
 * ``TRELLIS_KERNELS=reference``: always the reference;
 * ``TRELLIS_KERNELS=triton``: always the kernel; on a CPU tensor this only works under
   ``TRITON_INTERPRET=1`` (tests), otherwise :class:`KernelUnavailable` is raised;
-* ``TRELLIS_KERNELS=auto`` (default): the kernel when the tensor is on a CUDA device and Triton
-  imports, the reference otherwise.
+* ``TRELLIS_KERNELS=auto`` (default): the kernel when the tensor is on a CUDA device of compute
+  capability ≥ 8.0 (Ampere and newer, what the kernels' tiles and pipelining target; older GPUs run
+  the cuBLAS-backed reference) and Triton imports, the reference otherwise.
 
 The first time a (backend, device type) pair is used, one ``INFO`` line is logged on the
 ``kernels`` logger, e.g. ``kernels: using Triton kernels on cuda (TRELLIS_KERNELS=auto,
@@ -124,6 +125,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+#: Lowest CUDA compute capability the automatic choice sends to the Triton kernels.
+MIN_CAPABILITY = (8, 0)
+
+
+_CAPS: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, cached per index (separate function so tests can fake it)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPS:
+        major, minor = torch.cuda.get_device_capability(idx)
+        _CAPS[idx] = (int(major), int(minor))
+    return _CAPS[idx]
+
+
 def _log_once(backend: str, device: torch.device, why: str) -> None:
     key = (backend, device.type)
     if key in _LOGGED:
@@ -157,6 +174,10 @@ def select(device: torch.device | str) -> str:
         return "reference"
     if not triton_available():
         _log_once("reference", device, "triton not available")
+        return "reference"
+    cap = _capability(device)
+    if cap < MIN_CAPABILITY:
+        _log_once("reference", device, f"compute capability {cap[0]}.{cap[1]} < {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}")
         return "reference"
     _log_once("triton", device, "auto")
     return "triton"

@@ -37,6 +37,10 @@ def _attr_sample_kernel(
     ux = (px - lo_x) / s_x - 0.5
     uy = (py - lo_y) / s_y - 0.5
     uz = (pz - lo_z) / s_z - 0.5
+    fin = (tl.abs(ux) < 1e30) & (tl.abs(uy) < 1e30) & (tl.abs(uz) < 1e30)   # False for NaN / inf
+    ux = tl.where(fin, ux, -10.0)
+    uy = tl.where(fin, uy, -10.0)
+    uz = tl.where(fin, uz, -10.0)
     fx0 = tl.floor(ux)
     fy0 = tl.floor(uy)
     fz0 = tl.floor(uz)

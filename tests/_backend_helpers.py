@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -52,3 +53,18 @@ def wait_gone(pids, timeout: float = 5.0) -> list[int]:
 
 def types(msgs) -> list[str]:
     return [m["type"] for m in msgs]
+
+
+def fake_backend_script(staged_extension: Path, log_path: Path, cache_dir: Path, then: str) -> str:
+    """Source of a stand-alone Python script playing Blender: it imports the staged add-on's client,
+    starts a backend with the fake runner, waits for its first ``status``, then runs ``then``
+    (dedented; the client is ``c``, and ``sys`` and ``time`` are imported)."""
+    return textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(staged_extension.parent)!r})
+        import trellis2.backend_client as bc
+        c = bc.BackendClient({PYTHON!r}, {str(staged_extension)!r}, log_path={str(log_path)!r},
+                             cache_dir={str(cache_dir)!r}, extra_args=["--runner", "fake"])
+        c.start()
+        c.wait_for(lambda m: m["type"] == "status", 30)
+    """) + textwrap.dedent(then)

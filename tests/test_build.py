@@ -21,6 +21,7 @@ def test_zip_is_deterministic_and_complete(tmp_path: Path) -> None:
     names = zipfile.ZipFile(a).namelist()
     assert names == sorted(names)
     for required in ("blender_manifest.toml", "__init__.py", "backend/__init__.py", "backend/cli.py",
+                     "backend/requirements.txt",
                      "kernels/__init__.py"):
         assert required in names
     for name in names:

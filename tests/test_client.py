@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from _backend_helpers import PYTHON, types, wait_gone
+from _backend_helpers import PYTHON, fake_backend_script, types, wait_gone
 
 
 @pytest.fixture
@@ -123,14 +123,7 @@ def test_wait_for_keeps_later_messages(bc, tmp_path):
 
 def test_stop_all_at_exit_leaves_no_process(staged_extension, tmp_path):
     """A script that starts a backend and just exits: the atexit hook stops the backend."""
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(staged_extension.parent)!r})
-        import trellis2.backend_client as bc
-        c = bc.BackendClient({PYTHON!r}, {str(staged_extension)!r}, log_path={str(tmp_path / 'a.log')!r},
-                             cache_dir={str(tmp_path / 'c')!r}, extra_args=["--runner", "fake"])
-        c.start()
-        c.wait_for(lambda m: m["type"] == "status", 30)
+    script = fake_backend_script(staged_extension, tmp_path / "a.log", tmp_path / "c", """
         print(c.pid, flush=True)
     """)
     res = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=60)

@@ -24,10 +24,11 @@ def _case(seed: int, R: int = 8, n: int = 200, p: int = 200, c: int = 6):
     coords = torch.stack([flat // (R * R), (flat // R) % R, flat % R], 1).int()
     attrs = torch.rand(n, c, generator=g)
     pts = torch.rand(p, 3, generator=g) * 1.2 - 0.6          # some points outside the grid
-    # exact voxel centres and exact faces between voxels (weights 1 and 0)
+    # exact voxel centres and exact faces between voxels (weights 1 and 0), non-finite points (-> 0)
     centres = (coords[:20].float() + 0.5) / R - 0.5
     faces = coords[20:30].float() / R - 0.5
-    return coords, attrs, torch.cat([pts, centres, faces]), R
+    bad = torch.tensor([[float("nan"), 0.0, 0.0], [0.0, float("inf"), 0.0], [0.0, 0.0, -float("inf")]])
+    return coords, attrs, torch.cat([pts, centres, faces, bad]), R
 
 
 def _brute(coords, attrs, pts, R):
@@ -35,6 +36,8 @@ def _brute(coords, attrs, pts, R):
     where = {tuple(v): i for i, v in enumerate(coords.tolist())}
     out = np.zeros((pts.shape[0], attrs.shape[1]))
     for k, p in enumerate(pts.double().tolist()):
+        if not all(math.isfinite(x) for x in p):
+            continue
         u = [(p[d] + 0.5) * R - 0.5 for d in range(3)]
         i0 = [math.floor(x) for x in u]
         f = [u[d] - i0[d] for d in range(3)]
@@ -57,8 +60,9 @@ def test_reference_matches_brute_force():
     ref = sample_attributes(coords, attrs, R, AABB, pts)
     assert ref.dtype == torch.float32 and ref.shape == (pts.shape[0], 6)
     np.testing.assert_allclose(ref.numpy(), _brute(coords, attrs, pts, R), rtol=1e-5, atol=1e-5)
-    # a voxel centre returns that voxel's attributes; far outside gives 0
+    # a voxel centre returns that voxel's attributes; far outside and non-finite give 0
     torch.testing.assert_close(ref[200:220], attrs[:20])
+    assert torch.equal(ref[-3:], torch.zeros(3, 6))
     far = sample_attributes(coords, attrs, R, AABB, torch.tensor([[3.0, 3.0, 3.0]]))
     assert torch.equal(far, torch.zeros(1, 6))
 
@@ -111,3 +115,22 @@ def test_empty_inputs():
     assert torch.equal(out, torch.zeros(5, 4))
     out = sample_attributes(torch.zeros(1, 3, dtype=torch.int32), torch.ones(1, 4), 8, AABB, torch.zeros(0, 3))
     assert out.shape == (0, 4)
+
+
+def test_fp32_vs_codec_float64_at_resolution_1024():
+    """fp32 positions at R = 1024 stay within 5e-4 of the codec's float64 (uint8 step: 4e-3)."""
+    from backend.ovoxel import sample_attributes as codec_sample
+
+    g = torch.Generator().manual_seed(7)
+    R = 1024
+    base = torch.randint(0, R - 8, (1, 3), generator=g)
+    coords = torch.unique(base + torch.randint(0, 8, (300, 3), generator=g), dim=0).int()
+    attrs = torch.rand(coords.shape[0], 6, generator=g)
+    pick = torch.randint(0, coords.shape[0], (400,), generator=g)
+    pts = (coords[pick].double() + torch.rand(400, 3, generator=g, dtype=torch.float64) * 1.6 - 0.3) / R - 0.5
+    try:
+        expect = codec_sample(coords.numpy(), attrs.numpy(), R, np.asarray(AABB), pts.numpy())
+    except NotImplementedError:
+        pytest.skip("backend.ovoxel.sample_attributes not implemented yet")
+    got = sample_attributes(coords, attrs, R, AABB, pts.float())
+    np.testing.assert_allclose(got.numpy(), expect, atol=5e-4)

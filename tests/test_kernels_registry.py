@@ -52,8 +52,21 @@ def test_auto_uses_reference_without_triton_even_on_cuda(monkeypatch):
         assert registry.get(op, "cuda") is registry._OPS[op].reference
 
 
-def test_auto_picks_triton_on_cuda_when_available(monkeypatch):
+def test_auto_picks_triton_on_cuda_when_available(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="kernels")
     monkeypatch.setattr(registry, "_triton_version", lambda: "3.7.1")
+    monkeypatch.setattr(registry, "_capability", lambda d: (9, 0))
+    assert registry.select("cuda") == "triton"
+    assert any("using Triton kernels on cuda" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_uses_reference_on_old_gpus(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="kernels")
+    monkeypatch.setattr(registry, "_triton_version", lambda: "3.7.1")
+    monkeypatch.setattr(registry, "_capability", lambda d: (6, 1))
+    assert registry.select("cuda") == "reference"
+    assert any("compute capability 6.1 < 8.0" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv(registry.ENV_VAR, "triton")  # forcing still works
     assert registry.select("cuda") == "triton"
 
 

@@ -188,6 +188,21 @@ def test_glb_export_reloads_with_material(gen, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.glb"]  # no temp leftovers
 
 
+def test_decimation_reaches_target_and_keeps_the_shape(gen):
+    from backend.pipelines.export import generation_to_textured_mesh
+
+    res = gen("512", 3)
+    n_faces = len(res.faces)
+    target = n_faces // 4
+    v, f, uv, base, mr = generation_to_textured_mesh(res, texture_size=32, decimate=target)
+    assert 0 < len(f) <= target
+    # decimation must not move the surface out of the original's bounding box (beyond a voxel)
+    lo, hi = np.asarray(res.vertices).min(0), np.asarray(res.vertices).max(0)
+    voxel = 1.0 / res.resolution
+    assert (v.min(0) >= lo - voxel).all() and (v.max(0) <= hi + voxel).all()
+    assert uv.shape == (len(f), 3, 2) and np.isfinite(uv).all()
+
+
 def test_cli_generate_and_no_partial_output(tiny_dir, tmp_path):
     from PIL import Image
 
@@ -208,3 +223,15 @@ def test_cli_generate_and_no_partial_output(tiny_dir, tmp_path):
                "-q"])
     assert rc == 1 and not (tmp_path / "never.glb").exists()
     assert main(["make-tiny", str(tmp_path / "t2")]) == 0 and (tmp_path / "t2" / "pipeline.json").is_file()
+
+
+def test_damaged_checkpoint_is_missing_weights(tiny_dir, tmp_path, image):
+    import shutil
+
+    broken = tmp_path / "damaged"
+    shutil.copytree(tiny_dir, broken)
+    f = broken / "ckpts" / "ss_flow_img_dit_1_3B_64_bf16.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    p = load_pipeline(broken, device="cpu")
+    with pytest.raises(MissingWeights, match="cannot be used"):
+        p.generate(image, "512")

@@ -39,7 +39,7 @@ def test_texture_keeps_vertices_and_uvs(pipe):
     v, f, uv = _box_with_uvs()
     m = np.eye(4)
     m[:3, :3] *= 2.0
-    res = pipe.texture(v, f, object_rgba(), uvs=uv, transform=m, seed=3, resolution=512, texture_size=64)
+    res = pipe.texture(v, f, object_rgba(), uvs=uv, transform=m, seed=3, resolution=256, texture_size=64)
     assert not res.uv_created
     assert res.vertices.shape == v.shape and np.allclose(res.vertices, v)
     assert np.array_equal(res.faces, f) and np.allclose(res.uvs, uv)
@@ -52,7 +52,7 @@ def test_texture_keeps_vertices_and_uvs(pipe):
     unit = (v @ m[:3, :3].T - c) * s
     assert np.abs(unit).max() <= 0.5
     # deterministic
-    again = pipe.texture(v, f, object_rgba(), uvs=uv, transform=m, seed=3, resolution=512, texture_size=64)
+    again = pipe.texture(v, f, object_rgba(), uvs=uv, transform=m, seed=3, resolution=256, texture_size=64)
     assert np.array_equal(again.base_color, res.base_color)
 
 
@@ -60,7 +60,7 @@ def test_texture_creates_uvs_when_missing(pipe):
     import trimesh
 
     m = trimesh.creation.icosphere(subdivisions=1)
-    res = pipe.texture(np.asarray(m.vertices), np.asarray(m.faces), object_rgba(), seed=0, resolution=512,
+    res = pipe.texture(np.asarray(m.vertices), np.asarray(m.faces), object_rgba(), seed=0, resolution=256,
                        texture_size=32)
     assert res.uv_created and len(res.faces) == len(m.faces)
     assert res.uvs.shape == (len(m.faces), 3, 2) and res.uvs.min() >= 0 and res.uvs.max() <= 1
@@ -77,6 +77,14 @@ def test_bad_meshes(pipe, verts, faces, msg):
         pipe.texture(verts, faces, object_rgba(), texture_size=32)
 
 
+def test_bad_texture_arguments(pipe):
+    v, f, uv = _box_with_uvs()
+    with pytest.raises(BadInput, match="resolution"):
+        pipe.texture(v, f, object_rgba(), uvs=uv, resolution=500)
+    with pytest.raises(BadInput, match="UVs must be"):
+        pipe.texture(v, f, object_rgba(), uvs=uv[:, :2], resolution=256, texture_size=32)
+
+
 def test_rasterize_and_fill():
     uv = np.array([[[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
     face, bary = rasterize_uv(uv, 16)
@@ -89,3 +97,27 @@ def test_rasterize_and_fill():
     img[cov] = 1.0
     filled = fill_empty_texels(img, cov)
     assert (filled == 1.0).all()
+
+
+def test_cli_texture_writes_glb(tmp_path):
+    import trimesh
+    from PIL import Image
+
+    from backend.cli import main
+    from backend.pipelines.tiny import write_tiny_pipeline
+
+    model = write_tiny_pipeline(tmp_path / "m", seed=2)
+    mesh = tmp_path / "box.glb"
+    trimesh.creation.box(extents=(1.0, 0.5, 0.3)).export(mesh)
+    img = tmp_path / "img.png"
+    Image.fromarray(object_rgba(), "RGBA").save(img)
+    out = tmp_path / "tex.glb"
+    rc = main(["texture", str(mesh), str(img), "-o", str(out), "--model", str(model), "--resolution", "256",
+               "--texture-size", "32", "--device", "cpu", "-q"])
+    assert rc == 0
+    loaded = next(iter(trimesh.load(out).geometry.values()))
+    assert loaded.visual.material.baseColorTexture is not None
+    assert np.allclose(loaded.bounds, trimesh.load(mesh).bounds, atol=1e-5)   # the input's own frame and scale
+    rc = main(["texture", str(tmp_path / "absent.glb"), str(img), "-o", str(tmp_path / "x.glb"), "--model",
+               str(model), "--device", "cpu", "-q"])
+    assert rc == 1 and not (tmp_path / "x.glb").exists()

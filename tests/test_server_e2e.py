@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _backend_helpers import PYTHON, group_members, pid_alive, types, wait_gone
+from _backend_helpers import PYTHON, fake_backend_script, group_members, pid_alive, types, wait_gone
 from backend import protocol as P
 from backend.fake_runner import fake_mesh
 
@@ -191,14 +190,7 @@ def test_closing_stdin_makes_the_backend_exit_within_2s_even_mid_job(make_client
 
 def test_backend_exits_when_its_parent_is_killed(staged_extension, tmp_path):
     """A crashed Blender (parent killed with SIGKILL) leaves no backend behind."""
-    script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(staged_extension.parent)!r})
-        import trellis2.backend_client as bc
-        c = bc.BackendClient({PYTHON!r}, {str(staged_extension)!r}, log_path={str(tmp_path / 'p.log')!r},
-                             cache_dir={str(tmp_path / 'cache')!r}, extra_args=["--runner", "fake"])
-        c.start()
-        c.wait_for(lambda m: m["type"] == "status", 30)
+    script = fake_backend_script(staged_extension, tmp_path / "p.log", tmp_path / "cache", """
         c.generate(seed=1, steps=1000, step_s=0.05)
         print(c.pid, flush=True)
         time.sleep(60)
@@ -390,7 +382,7 @@ def _tiny_image(path: Path) -> Path:
     return path
 
 
-def test_real_pipeline_on_tiny_checkpoints_cancel_generate_upscale(make_client, tiny_models, tmp_path):
+def test_real_pipeline_on_tiny_checkpoints_cancel_and_generate(make_client, tiny_models, tmp_path):
     t_start = time.monotonic()
     c = make_client(fake=False, model_dir=tiny_models, device="cpu")
     c.start()
@@ -431,13 +423,10 @@ def test_real_pipeline_on_tiny_checkpoints_cancel_generate_upscale(make_client, 
         assert zlib.crc32(z["vertices"].tobytes()) == zlib.crc32(v.tobytes())
         assert zlib.crc32(z["faces"].tobytes()) == zlib.crc32(f.tobytes())
     assert (Path(last["folder"]) / "state" / "job_state.npz").exists()
-    # 3. upscale reuses the 512 job's conditioning and seed
-    up = c.upscale(job, stage_params=fast, max_tokens=1)      # token budget -> smallest HR grid (fast)
-    res = _until(c, up, timeout=180)[-1]
-    assert res["type"] == "result", res
-    assert res["meta"]["seed"] == 3 and res["meta"]["pipeline_type"] == "1536_cascade"
+    # (the real upscale path is covered by the stub-pipeline adapter test below, the fake-runner
+    # upscale test above, and the add-on's Blender suite; it costs ~6-18 s here, so not repeated)
     print(f"\ntiny pipeline: backend ready {t_ready - t_start:.1f} s, cancel part {t_cancelled - t_ready:.1f} s, "
-          f"generate {last['meta']['elapsed_s']} s, upscale {res['meta']['elapsed_s']} s")
+          f"generate {last['meta']['elapsed_s']} s")
 
 
 def test_selftest_prints_json(tmp_path, capsys):

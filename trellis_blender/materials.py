@@ -130,8 +130,9 @@ def image_from_array(name: str, pixels: np.ndarray, *, non_color: bool = False,
     """A Blender image from a top-down ``(H, W, C)`` array (row 0 = top = UV v 1).
 
     The array is written as PNG (fast zlib level 1; PNG rows are top-down like the array, so no
-    flip) and loaded. With ``save_dir`` the image references that file, so nothing bloats the .blend;
-    otherwise the file is written to a temporary folder and packed into the .blend.
+    flip), loaded and packed (packing a PNG file only copies its bytes), so a saved .blend keeps its
+    textures even when the job cache is cleared. With ``save_dir`` the PNG also stays there (the job
+    folder); otherwise it is written to a temporary folder and removed.
     """
     import tempfile
 
@@ -146,8 +147,8 @@ def image_from_array(name: str, pixels: np.ndarray, *, non_color: bool = False,
     if non_color:
         img.colorspace_settings.name = "Non-Color"
     img.alpha_mode = "STRAIGHT"
+    img.pack()
     if not save_dir:
-        img.pack()
         try:
             os.remove(path)
             os.rmdir(folder)

@@ -45,7 +45,10 @@ def canonical_arrays(arrays: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for key, value in arrays.items():
         if value is None:
             continue
-        out[_ALIASES.get(key, key)] = np.asarray(value)
+        value = np.asarray(value)
+        if key in ("base_color", "metallic_roughness") and value.ndim == 3:  # images, not per-vertex
+            key = f"{key}_texture"
+        out[_ALIASES.get(key, key)] = value
     return out
 
 

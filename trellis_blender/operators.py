@@ -253,14 +253,53 @@ def _object_meta(rec: jobs.JobRecord) -> dict:
             "resolution": meta.get("resolution")}
 
 
+def _needs_blender_bake(arrays: dict, material_mode: str) -> bool:
+    a = mesh_import.canonical_arrays(arrays)
+    return material_mode == "TEXTURES" and "base_color_texture" not in a and "coords" in a and "attrs" in a
+
+
+def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir) -> None:
+    """Give ``obj`` (a freshly imported result) a ``UVMap`` (Smart UV Project) and baked PBR textures
+    sampled from the result's voxel attributes; its vertex-attribute material is replaced."""
+    from . import uv_bake
+
+    me = obj.data
+    loop_uv, tri = mesh_import.smart_uv_corners(context, obj)
+    uv = np.asarray(tri["uv"], dtype=np.float32).reshape(-1, 3, 2)
+    coords = np.asarray(arrays["coords"])
+    attrs = np.asarray(arrays["attrs"], dtype=np.float32)
+    base, mr, _coverage = uv_bake.bake(
+        tri["vertices"], tri["faces"], uv, size,
+        lambda pts: mesh_import.voxel_attrs_at(pts, coords, attrs, resolution))
+    mesh_import.set_uv_map(me, "UVMap", loop_uv)
+    name = obj.name
+    img_bc = materials.image_from_array(f"{name}_BaseColor", base, save_dir=save_dir)
+    img_mr = materials.image_from_array(f"{name}_MetallicRoughness", mr, non_color=True, save_dir=save_dir)
+    mat = materials.texture_material(name, img_bc, img_mr, "UVMap", blended=materials.alpha_varies(base[..., 3]))
+    old = me.materials[0] if len(me.materials) else None
+    if old is not None:
+        me.materials[0] = mat
+        if old.users == 0:
+            bpy.data.materials.remove(old)
+    else:
+        me.materials.append(mat)
+
+
 def apply_generate(context, rec: jobs.JobRecord) -> "bpy.types.Object":
     meta = _object_meta(rec)
     settings = context.scene.trellis2
+    arrays = _result_arrays(rec)
+    mode = rec.extra.get("material_mode", settings.material_mode)
+    bake = _needs_blender_bake(arrays, mode)
     obj = mesh_import.import_result(
-        context, _result_arrays(rec), name=rec.extra.get("name", "TRELLIS"), meta=meta,
-        material_mode=rec.extra.get("material_mode", settings.material_mode), save_dir=_texture_dir(rec))
+        context, arrays, name=rec.extra.get("name", "TRELLIS"), meta=meta,
+        material_mode="VERTEX" if bake else mode, save_dir=_texture_dir(rec))
     if meta.get("resolution"):
         obj["trellis2_resolution"] = int(meta["resolution"])
+    if bake:  # the backend sent voxel attributes only: bake them into textures here
+        res = int(meta.get("resolution") or (int(np.asarray(arrays["coords"]).max()) + 1))
+        size = int(rec.request.get("texture_size") or settings.texture_size)
+        bake_textures_onto(context, obj, arrays, res, size, _texture_dir(rec))
     return obj
 
 
@@ -269,10 +308,16 @@ def apply_upscale(context, rec: jobs.JobRecord) -> "bpy.types.Object":
     if obj is None or obj.type != "MESH":
         raise ValueError(f"The object {rec.extra['object']!r} is gone")
     meta = _object_meta(rec)
-    new_mesh = mesh_import.build_result_mesh(_result_arrays(rec), name=obj.name + "_1536", meta=meta,
-                                             material_mode=rec.extra.get("material_mode", "AUTO"),
-                                             save_dir=_texture_dir(rec))
-    obj.data = new_mesh  # old datablock stays in the file until saved without users; undo restores it
+    arrays = _result_arrays(rec)
+    mode = rec.extra.get("material_mode", "AUTO")
+    bake = _needs_blender_bake(arrays, mode)
+    new_mesh = mesh_import.build_result_mesh(arrays, name=obj.name + "_1536", meta=meta,
+                                             material_mode="VERTEX" if bake else mode, save_dir=_texture_dir(rec))
+    obj.data = new_mesh
+    if bake:
+        res = int(meta.get("resolution") or (int(np.asarray(arrays["coords"]).max()) + 1))
+        size = int(rec.request.get("texture_size") or context.scene.trellis2.texture_size)
+        bake_textures_onto(context, obj, arrays, res, size, _texture_dir(rec))  # old datablock stays in the file until saved without users; undo restores it
     mesh_import.set_job_properties(obj, meta)
     if meta.get("resolution"):
         obj["trellis2_resolution"] = int(meta["resolution"])
@@ -545,9 +590,11 @@ class TRELLIS_OT_upscale(_JobOperator, bpy.types.Operator):
             return self.fail(context, problem)
         obj = context.active_object
         src = str(obj["trellis2_job"])
+        settings = context.scene.trellis2
         req = dict(_common_request(context), source_job=src, target="1536_cascade",
-                   stage_params=stage_params(context.scene.trellis2),
-                   decimation_target=int(context.scene.trellis2.decimation_target))
+                   stage_params=stage_params(settings), decimation_target=int(settings.decimation_target),
+                   texture_size=int(settings.texture_size),
+                   output="textures" if settings.material_mode == "TEXTURES" else "vertex_attrs")
         extra = {"object": obj.name, "source_job": src, "image_hash": obj.get("trellis2_image_hash"),
                  "material_mode": context.scene.trellis2.material_mode}
         try:

@@ -184,7 +184,11 @@ class TRELLIS_OT_create_backend_env(bpy.types.Operator):
             return {"CANCELLED"}
         ext_dir = runtime.extension_dir()
         log = cache_dir(prefs) / "logs" / "create_env.log"
-        runtime.env_task = tasks.create_env_task(env_dir, ext_dir, log).start()
+        try:
+            runtime.env_task = tasks.create_env_task(env_dir, ext_dir, log).start()
+        except FileNotFoundError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
         prefs.backend_python = str(tasks.venv_python(env_dir))
         if bpy.app.background:
             runtime.env_task.wait()

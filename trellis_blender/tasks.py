@@ -17,12 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-# Installed into a new backend environment when the extension carries no requirements file.
-DEFAULT_BACKEND_REQUIREMENTS: tuple[str, ...] = (
-    "torch", "numpy", "safetensors", "pillow", "scipy", "trimesh",
-)
-
-
 def clean_env(extra_pythonpath: Optional[str] = None) -> dict[str, str]:
     """Blender's environment without its Python variables (the backend has its own Python)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
@@ -154,11 +148,11 @@ def venv_python(env_dir: str) -> Path:
 
 
 def requirements_for(ext_dir: Path) -> list[str]:
-    """pip arguments installing the backend's requirements (a bundled file wins over the default list)."""
-    for candidate in (ext_dir / "backend" / "requirements.txt", ext_dir / "requirements.txt"):
-        if candidate.is_file():
-            return ["-r", str(candidate)]
-    return list(DEFAULT_BACKEND_REQUIREMENTS)
+    """pip arguments installing the backend's pinned requirements bundled with the extension."""
+    path = Path(ext_dir) / "backend" / "requirements.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"The extension is incomplete: {path} is missing. Reinstall the add-on.")
+    return ["-r", str(path)]
 
 
 def create_env_task(env_dir: str, ext_dir: Path, log_path: Path, base_python: Optional[str] = None) -> ProcessTask:

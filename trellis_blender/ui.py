@@ -121,10 +121,16 @@ class TRELLIS_PT_main(bpy.types.Panel):
             row.progress(factor=st.progress, type="BAR", text=st.stage or "Working…")
             row.operator("trellis.cancel", text="", icon="CANCEL")
         else:
+            has_image = settings.image is not None
             col = layout.column(align=True)
             col.scale_y = 1.5
+            col.enabled = has_image   # scripts pass filepath=, so the operator's poll cannot check this
             col.operator("trellis.generate", icon="SHADERFX")
-            layout.operator("trellis.texture_selected", icon="TEXTURE")
+            row = layout.row()
+            row.enabled = has_image
+            row.operator("trellis.texture_selected", icon="TEXTURE")
+            if not has_image:
+                layout.label(text="Pick an input image first", icon="INFO")
             if st.last_duration > 0:
                 layout.label(text=f"Last job: {st.last_duration:.1f} s", icon="TIME")
 

@@ -88,6 +88,12 @@ def prepare_mesh(vertices: np.ndarray, faces: np.ndarray, *, weld: bool = True):
       (``dropped_degenerate``) and duplicate faces with the same vertex set, in either winding
       (``dropped_duplicate``) are dropped. Unused vertices are removed.
     """
+    v, f, stats, _ = _prepare(vertices, faces, weld=weld, dedup=True)
+    return v, f, stats
+
+
+def _prepare(vertices, faces, *, weld: bool = True, dedup: bool = True):
+    """:func:`prepare_mesh` plus the index of the source face of every kept face."""
     v = np.asarray(vertices)
     f = np.asarray(faces)
     if v.size == 0:
@@ -99,21 +105,25 @@ def prepare_mesh(vertices: np.ndarray, faces: np.ndarray, *, weld: bool = True):
     if f.ndim != 2 or f.shape[1] != 3:
         raise OVoxelError(f"faces must have shape [F, 3] (triangles), got {f.shape}")
     if f.size and not np.issubdtype(f.dtype, np.integer):
-        if not np.isfinite(f).all() or (np.asarray(f) != np.round(f)).any():
+        if not np.issubdtype(f.dtype, np.floating) or not np.isfinite(f).all() or (f != np.round(f)).any():
             raise OVoxelError("faces must contain integer indices")
-    v = v.astype(np.float64)
+    try:
+        v = v.astype(np.float64)
+    except (TypeError, ValueError):
+        raise OVoxelError("vertices must be numeric") from None
     f = f.astype(np.int64)
     stats = {"input_vertices": int(v.shape[0]), "input_faces": int(f.shape[0]),
              "dropped_nonfinite": 0, "dropped_degenerate": 0, "dropped_duplicate": 0}
     if f.size and (f.min() < 0 or f.max() >= v.shape[0]):
         raise OVoxelError(f"face indices out of range [0, {v.shape[0]}): min {f.min()}, max {f.max()}")
+    fidx = np.arange(f.shape[0])
     if f.shape[0] == 0:
-        return np.zeros((0, 3)), np.zeros((0, 3), np.int64), stats
+        return np.zeros((0, 3)), np.zeros((0, 3), np.int64), stats, fidx
     fin = np.isfinite(v).all(axis=1)
     if not fin.all():
         ok = fin[f].all(axis=1)
         stats["dropped_nonfinite"] = int((~ok).sum())
-        f = f[ok]
+        f, fidx = f[ok], fidx[ok]
     used = np.zeros(v.shape[0], bool)
     used[f.reshape(-1)] = True
     remap = np.cumsum(used) - 1
@@ -123,29 +133,32 @@ def prepare_mesh(vertices: np.ndarray, faces: np.ndarray, *, weld: bool = True):
         v, f = _weld(v, f)
     if f.shape[0]:
         rep = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])
-        e1 = v[f[:, 1]] - v[f[:, 0]]
-        e2 = v[f[:, 2]] - v[f[:, 0]]
-        cr = np.cross(e1, e2)
+        a = v[f[:, 0]]
+        e1 = v[f[:, 1]] - a
+        e2 = v[f[:, 2]] - a
+        cr = e1[:, [1, 2, 0]] * e2[:, [2, 0, 1]] - e1[:, [2, 0, 1]] * e2[:, [1, 2, 0]]
         scale2 = np.maximum((e1 * e1).sum(1), (e2 * e2).sum(1))
         zero = (cr * cr).sum(1) <= (1e-24 * scale2 * scale2)
         bad = rep | zero
-        stats["dropped_degenerate"] = int(bad.sum())
-        f = f[~bad]
-    if f.shape[0]:
-        s = np.sort(f, axis=1)
+        if bad.any():
+            stats["dropped_degenerate"] = int(bad.sum())
+            f, fidx = f[~bad], fidx[~bad]
+    if dedup and f.shape[0]:
+        srt = np.sort(f, axis=1)
         nv = np.int64(max(v.shape[0], 1))
         if v.shape[0] < (1 << 21):
-            key = (s[:, 0] * nv + s[:, 1]) * nv + s[:, 2]
+            key = (srt[:, 0] * nv + srt[:, 1]) * nv + srt[:, 2]
             _, first = np.unique(key, return_index=True)
         else:
-            _, first = np.unique(s, axis=0, return_index=True)
+            _, first = np.unique(srt, axis=0, return_index=True)
         if first.shape[0] != f.shape[0]:
             stats["dropped_duplicate"] = int(f.shape[0] - first.shape[0])
-            f = f[np.sort(first)]
+            first = np.sort(first)
+            f, fidx = f[first], fidx[first]
     used = np.zeros(v.shape[0], bool)
     used[f.reshape(-1)] = True
     remap = np.cumsum(used) - 1
-    return v[used], remap[f], stats
+    return v[used], remap[f], stats, fidx
 
 
 # ----------------------------------------------------------------------------------------------
@@ -908,3 +921,97 @@ def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = 
 
         ov.attrs = voxelize_pbr(mesh, ov.coords, resolution, aabb)
     return ov
+
+
+def triangle_voxel_pairs(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb: Any = DEFAULT_AABB):
+    """Unique (triangle, voxel) pairs of the scan-line: every voxel among the 4 around an edge crossing
+    of the triangle (the official PBR voxeliser's per-triangle voxel set; same voxels as the encoder).
+
+    Faces with non-finite vertices or zero area are skipped; geometry outside the AABB is clipped.
+    Returns ``(face index [M] int64 into faces, voxel coords [M, 3] int32)``.
+    """
+    R = check_resolution(resolution)
+    box = as_aabb(aabb)
+    v, f, _, fidx = _prepare(vertices, faces, weld=False, dedup=False)
+    if f.shape[0] == 0:
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.int32)
+    s = (box[1] - box[0]) / R
+    P = (v - box[0]) / s + _SHIFT
+    T0, T1, T2 = P[f[:, 0]], P[f[:, 1]], P[f[:, 2]]
+    T = max(1, min(R, 32, _SLAB_CELLS // ((R + 1) * (R + 1)) - 2))
+    nslab = (R + T - 1) // T
+    txmin = np.minimum(np.minimum(T0[:, 0], T1[:, 0]), T2[:, 0])
+    txmax = np.maximum(np.maximum(T0[:, 0], T1[:, 0]), T2[:, 0])
+    keep = (txmax >= -1) & (txmin <= R + 1)
+    s_lo = np.clip(np.floor((txmin - 1) / T), 0, nslab - 1).astype(np.int64)
+    s_hi = np.clip(np.floor((txmax + 1) / T), 0, nslab - 1).astype(np.int64)
+    ts_tri, ts_pos = _expand(np.where(keep, s_hi - s_lo + 1, 0))
+    ts_slab = s_lo[ts_tri] + ts_pos
+    ts_order, ts_starts = _bucket(ts_slab, nslab)
+    ts_tri = ts_tri[ts_order]
+    tlo = np.floor(np.minimum(np.minimum(T0, T1), T2)).astype(np.int64) - 1
+    thi = np.floor(np.maximum(np.maximum(T0, T1), T2)).astype(np.int64) + 1
+    R1 = R + 1
+    PP = R1 * R1
+    out_f, out_c = [], []
+    for si in range(nslab):
+        x0 = si * T
+        x1 = min(R, x0 + T)
+        sel = ts_tri[ts_starts[si]:ts_starts[si + 1]]
+        if sel.shape[0] == 0:
+            continue
+        lx = np.maximum(tlo[sel, 0], x0)
+        ly = tlo[sel, 1]
+        lz = tlo[sel, 2]
+        pdz = thi[sel, 2] - lz + 1
+        pdydz = (thi[sel, 1] - ly + 1) * pdz
+        psize = np.maximum(np.minimum(thi[sel, 0], x1 - 1) - lx + 1, 1) * pdydz
+        pbig = psize > _BIG_TRI_CELLS
+        psize = np.where(pbig, 0, psize)
+        pbase = np.cumsum(psize) - psize - lx * pdydz - ly * pdz - lz
+        e_tl, e_pk, e_x, e_y, e_z = [], [], [], [], []
+        for a in range(3):
+            tl, i, j, k, t = _axis_crossings(T0[sel], T1[sel], T2[sel], a, R, x0, x1)
+            if tl.shape[0] == 0:
+                continue
+            b, c = (a + 1) % 3, (a + 2) % 3
+            oc = [None, None, None]
+            oc[a], oc[b], oc[c] = i, j - 1, k - 1
+            for o in range(4):
+                off = [0, 0, 0]
+                off[b] = o & 1
+                off[c] = (o >> 1) & 1
+                vx, vy, vz = oc[0] + off[0], oc[1] + off[1], oc[2] + off[2]
+                val = (vx >= x0) & (vx < x1)
+                e_tl.append(tl[val])
+                e_x.append(vx[val])
+                e_y.append(vy[val])
+                e_z.append(vz[val])
+        if not e_tl:
+            continue
+        tl = np.concatenate(e_tl)
+        vx, vy, vz = np.concatenate(e_x), np.concatenate(e_y), np.concatenate(e_z)
+        small = ~pbig[tl]
+        res_t, res_c = [], []
+        if small.any():
+            si_ = np.flatnonzero(small)
+            t2 = tl[si_]
+            key = pbase[t2] + vx[si_] * pdydz[t2] + vy[si_] * pdz[t2] + vz[si_]
+            tab = _scratch_int32(int(psize.sum()))
+            ar = np.arange(key.shape[0], dtype=np.int32)
+            tab[key] = ar
+            r = si_[np.flatnonzero(tab[key] == ar)]
+            res_t.append(tl[r])
+            res_c.append(np.stack([vx[r], vy[r], vz[r]], 1))
+        if (~small).any():
+            bi = np.flatnonzero(~small)
+            key = ((tl[bi] * (T + 2) + (vx[bi] - x0 + 1)) * PP + vy[bi] * R1 + vz[bi])
+            _, first = np.unique(key, return_index=True)
+            r = bi[first]
+            res_t.append(tl[r])
+            res_c.append(np.stack([vx[r], vy[r], vz[r]], 1))
+        out_f.append(fidx[sel[np.concatenate(res_t)]])
+        out_c.append(np.concatenate(res_c).astype(np.int32))
+    if not out_f:
+        return np.zeros(0, np.int64), np.zeros((0, 3), np.int32)
+    return np.concatenate(out_f).astype(np.int64), np.concatenate(out_c)

@@ -99,17 +99,35 @@ class JobState:
     hr_coords: np.ndarray | None = None
     hr_feats: np.ndarray | None = None
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array fields that are set (for callers storing the state in their own files)."""
+        return {k: getattr(self, k) for k in _STATE_ARRAYS if getattr(self, k) is not None}
+
+    def meta(self) -> dict[str, Any]:
+        """The scalar fields as a JSON-able dict."""
+        return {"pipeline_type": self.pipeline_type, "seed": int(self.seed), "resolution": int(self.resolution),
+                "format": "trellis2-job/1"}
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "JobState":
+        """Inverse of :meth:`meta` + :meth:`arrays`; :class:`BadInput` on a malformed state."""
+        if meta.get("pipeline_type") not in PIPELINE_TYPES:
+            raise BadInput(f"unknown pipeline type {meta.get('pipeline_type')!r} in saved job state.")
+        try:
+            return cls(pipeline_type=meta["pipeline_type"], seed=int(meta["seed"]),
+                       resolution=int(meta["resolution"]),
+                       **{k: np.asarray(v) for k, v in arrays.items() if k in _STATE_ARRAYS})
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"malformed saved job state: {e}") from e
+
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``job.json`` + ``job_state.npz`` into ``folder`` (atomically: temp files, then rename)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {k: getattr(self, k) for k in _STATE_ARRAYS if getattr(self, k) is not None}
         tmp_npz = folder / "job_state.tmp.npz"
-        np.savez_compressed(tmp_npz, **arrays)
-        meta = {"pipeline_type": self.pipeline_type, "seed": int(self.seed), "resolution": int(self.resolution),
-                "format": "trellis2-job/1"}
+        np.savez_compressed(tmp_npz, **self.arrays())
         tmp_js = folder / "job.json.tmp"
-        tmp_js.write_text(json.dumps(meta, indent=1))
+        tmp_js.write_text(json.dumps(self.meta(), indent=1))
         os.replace(tmp_npz, folder / "job_state.npz")
         os.replace(tmp_js, folder / "job.json")
         return folder
@@ -124,10 +142,7 @@ class JobState:
                 arrays = {k: z[k] for k in z.files if k in _STATE_ARRAYS}
         except (OSError, ValueError, KeyError) as e:
             raise BadInput(f"{folder}: not a readable TRELLIS.2 job folder ({e}).") from e
-        if meta.get("pipeline_type") not in PIPELINE_TYPES:
-            raise BadInput(f"{folder}/job.json: unknown pipeline type {meta.get('pipeline_type')!r}.")
-        return cls(pipeline_type=meta["pipeline_type"], seed=int(meta["seed"]),
-                   resolution=int(meta["resolution"]), **arrays)
+        return cls.from_parts(meta, arrays)
 
 
 @dataclass

@@ -162,23 +162,24 @@ def sample_voxel_attributes(coords: np.ndarray, attrs: np.ndarray, resolution: i
                             device: Any = None) -> np.ndarray:
     """Sparse trilinear sampling with the official renormalisation (codec semantics) at unit-cube points.
 
-    Uses the torch twin in ``kernels.attr_sample`` (on ``device``, CUDA when the pipeline runs there)
-    and falls back to the numpy codec ``backend.ovoxel.sample_attributes``.
+    On a CUDA ``device`` this runs the GPU twin in ``kernels`` (Triton kernel or its torch reference,
+    chosen by the kernel registry); everywhere else the numpy codec's
+    ``backend.ovoxel.sample_attributes``, which is the faster of the two on a CPU.
     """
-    try:
+    if device is not None and str(device).startswith("cuda"):
         import torch
 
-        from kernels.attr_sample import sample_attributes as torch_sample
-    except ImportError:
-        from .. import ovoxel
+        import kernels
 
-        return ovoxel.sample_attributes(np.asarray(coords, np.int32), np.asarray(attrs, np.float32), int(resolution),
-                                        ovoxel.DEFAULT_AABB, np.asarray(points, np.float32))
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    out = torch_sample(torch.as_tensor(np.asarray(coords, np.int32), device=dev),
-                       torch.as_tensor(np.asarray(attrs, np.float32), device=dev), int(resolution), None,
-                       torch.as_tensor(np.asarray(points, np.float32), device=dev))
-    return out.float().cpu().numpy()
+        dev = torch.device(device)
+        out = kernels.sample_attributes(torch.as_tensor(np.asarray(coords, np.int32), device=dev),
+                                        torch.as_tensor(np.asarray(attrs, np.float32), device=dev), int(resolution),
+                                        None, torch.as_tensor(np.asarray(points, np.float32), device=dev))
+        return out.float().cpu().numpy()
+    from .. import ovoxel
+
+    return ovoxel.sample_attributes(np.asarray(coords, np.int32), np.asarray(attrs, np.float32), int(resolution),
+                                    ovoxel.DEFAULT_AABB, np.asarray(points, np.float32))
 
 
 def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coords: np.ndarray, attrs: np.ndarray,

@@ -170,7 +170,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("mesh")
     p.add_argument("image")
     p.add_argument("-o", "--output", required=True, help="output .glb")
-    p.add_argument("--resolution", type=int, default=1024, choices=(512, 1024, 1536))
+    p.add_argument("--resolution", type=int, default=1024,
+                   help="O-Voxel grid: 512, 1024 (default) or 1536 (any multiple of 64 up to 2048)")
     p.add_argument("--z-up", action="store_true", help="the mesh file is already Z-up")
     _add_model_args(p)
     p.set_defaults(func=_cmd_texture)

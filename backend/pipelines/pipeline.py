@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
+import logging
 import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
-from ..errors import BadInput, Cancelled, OutOfMemory
+from ..errors import BadInput, Cancelled, MissingWeights, OutOfMemory
 from ..modules.sparse import SparseTensor
 from .loader import DINOV3_KEY, ModelManager, PipelineConfig, resolve_device
 from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_image
@@ -45,6 +45,7 @@ from .sampler import FlowEulerGuidanceIntervalSampler, SamplerParams, sampler_fr
 __all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "fdg_head", "quantize_coords"]
 
 MAX_NUM_TOKENS = 49152
+log = logging.getLogger(__name__)
 PBR_LAYOUT = {"base_color": slice(0, 3), "metallic": slice(3, 4), "roughness": slice(4, 5), "alpha": slice(5, 6)}
 
 
@@ -161,9 +162,14 @@ class Trellis2Pipelines:
         return cls(cfg, resolve_device(device), low_vram, background_remover)
 
     def _load_checkpoint(self, stem: Path, device: torch.device) -> torch.nn.Module:
-        from ..models import from_pretrained
+        from ..models import CheckpointError, from_pretrained
 
-        return from_pretrained(stem, device=device)
+        try:
+            return from_pretrained(stem, device=device)
+        except CheckpointError as e:
+            raise MissingWeights(f"The checkpoint {stem}.safetensors cannot be used: {e}",
+                                 missing=[f"{stem}.safetensors"],
+                                 advice="Download the file again (it is damaged or from another model).") from e
 
     def _load_dinov3(self, folder: Path, device: torch.device) -> torch.nn.Module:
         from ..modules.image_feature_extractor import load_dinov3
@@ -182,6 +188,8 @@ class Trellis2Pipelines:
 
     def _params(self, key: str, overrides: dict[str, Any] | None) -> tuple[FlowEulerGuidanceIntervalSampler,
                                                                              SamplerParams]:
+        if f"{key}_sampler" not in self.samplers:
+            raise BadInput(f"this pipeline folder has no {key} sampler (opened for texturing only?).")
         sampler, base = self.samplers[f"{key}_sampler"]
         try:
             return sampler, base.merged(overrides)
@@ -197,9 +205,6 @@ class Trellis2Pipelines:
 
         with self.models.use(DINOV3_KEY) as vit:
             return DinoV3FeatureExtractor(vit, resolution).extract_features(x).float()
-
-    def _flow_dtype_cast(self, model: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
-        return t
 
     @torch.no_grad()
     def sample_sparse_structure(self, run: _Run, cond: torch.Tensor, gen: torch.Generator,
@@ -270,6 +275,9 @@ class Trellis2Pipelines:
                 if coords.shape[0] < self.max_num_tokens or nominal <= 1024:
                     break
                 nominal -= 128
+            if nominal != nominal_hr:
+                log.info("Due to the limited number of tokens (%d allowed), the resolution is reduced to %d.",
+                         self.max_num_tokens, nominal)
             del hr_coords
         return coords, hr_res
 
@@ -465,7 +473,8 @@ class Trellis2Pipelines:
                 xatlas only when None.
             transform: optional ``4×4`` object→world matrix applied before normalisation.
             y_up: the mesh is Y-up (glTF/OBJ files); converted to the Z-up TRELLIS frame.
-            resolution: O-Voxel grid (512 / 1024 / 1536; 512 uses the 512 texture model).
+            resolution: O-Voxel grid (official 512 / 1024 / 1536; any multiple of 64 up to 2048 is
+                accepted; ≤ 512 uses the 512 texture model and 512 conditioning, as official for 512).
         """
         from .texturing import run_texturing
 

@@ -56,8 +56,9 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
     from .. import ovoxel
     from .pipeline import _as_rgb
 
-    if resolution not in (512, 1024, 1536):
-        raise BadInput(f"texturing resolution must be 512, 1024 or 1536, got {resolution}.")
+    if not isinstance(resolution, int) or resolution % 64 or not 64 <= resolution <= 2048:
+        raise BadInput(f"texturing resolution must be 512, 1024 or 1536 (any multiple of 64 up to 2048), "
+                       f"got {resolution}.")
     if int(texture_size) < 16 or int(texture_size) > 8192:
         raise BadInput(f"texture size must be in [16, 8192], got {texture_size}.")
     v_in, f_in = validate_mesh(vertices, faces)
@@ -78,7 +79,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
     gen = pipe._rng(seed)
     res = pipe._res(resolution)
     with run.stage_ctx("cond"):
-        cond = pipe.get_cond(img, 512 if resolution == 512 else 1024)
+        cond = pipe.get_cond(img, 512 if resolution <= 512 else 1024)
     with run.stage_ctx("encode"):
         try:
             enc = ovoxel.encode_shape(unit.astype(np.float32), geo_f, res, outside="clip")
@@ -95,7 +96,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
             dt = pipe._layer_dtype(encoder, "input_layer")
             shape, hierarchy = encoder(vt.to(dt), it, return_hierarchy=True)
         shape = shape.float()
-    tex = pipe.sample_tex_slat(run, "tex_slat_flow_model_512" if resolution == 512 else "tex_slat_flow_model_1024",
+    tex = pipe.sample_tex_slat(run, "tex_slat_flow_model_512" if resolution <= 512 else "tex_slat_flow_model_1024",
                                cond, shape, gen, stage_params.get("tex_slat"))
     with run.stage_ctx("decode"):
         with pipe.models.use("tex_slat_decoder") as tdec:

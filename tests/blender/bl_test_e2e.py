@@ -9,7 +9,6 @@ restores. Cycles CPU renders of the results go to ``artifacts_dir``.
 from __future__ import annotations
 
 import hashlib
-import math
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ import bpy
 import numpy as np
 import pytest
 
-from helpers import addon_module, load_spot, prefs, stop_backend
+from helpers import addon_module, load_spot, prefs, render_png, stop_backend
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,42 +63,6 @@ def _object_png(path: Path, size: int = 64) -> str:
     return str(path)
 
 
-def render_png(obj, path: Path, size: int = 96, samples: int = 4) -> None:
-    """A small Cycles CPU render of ``obj`` (camera + sun added and removed again)."""
-    from mathutils import Vector
-
-    scene = bpy.context.scene
-    scene.render.engine = "CYCLES"
-    scene.cycles.device = "CPU"
-    scene.cycles.samples = samples
-    if hasattr(scene.cycles, "use_denoising"):
-        scene.cycles.use_denoising = False
-    scene.render.resolution_x = scene.render.resolution_y = size
-    scene.render.resolution_percentage = 100
-    scene.render.image_settings.file_format = "PNG"
-    bpy.context.view_layer.update()
-    corners = [obj.matrix_world @ Vector(c) for c in obj.bound_box]
-    center = sum(corners, Vector()) / 8
-    radius = max((c - center).length for c in corners)
-    cam_data = bpy.data.cameras.new("trellis_test_cam")
-    cam = bpy.data.objects.new("trellis_test_cam", cam_data)
-    cam.location = center + Vector((1.0, -1.2, 0.8)).normalized() * radius * 3.2
-    cam.rotation_euler = (center - cam.location).to_track_quat("-Z", "Y").to_euler()
-    sun_data = bpy.data.lights.new("trellis_test_sun", "SUN")
-    sun_data.energy = 3.0
-    sun = bpy.data.objects.new("trellis_test_sun", sun_data)
-    sun.rotation_euler = (math.radians(40), 0.0, math.radians(30))
-    for o in (cam, sun):
-        scene.collection.objects.link(o)
-    if scene.world is None:
-        scene.world = bpy.data.worlds.new("trellis_test_world")
-    scene.camera = cam
-    scene.render.filepath = str(path)
-    bpy.ops.render.render(write_still=True)
-    bpy.data.objects.remove(cam)
-    bpy.data.objects.remove(sun)
-
-
 @pytest.fixture
 def real_backend(addon, clean_scene, tmp_path):
     models = _tiny_models()
@@ -121,6 +84,8 @@ def test_generate_upscale_texture_real_backend(addon, real_backend, tmp_path, sh
     png = _object_png(tmp_path / "disc.png")
     scene = bpy.context.scene
     scene.trellis2.ss_steps = scene.trellis2.shape_steps = scene.trellis2.tex_steps = 2
+    scene.trellis2.material_mode = "TEXTURES"      # voxel attributes baked into UV textures in Blender
+    scene.trellis2.texture_size = "512"
 
     # generate
     t0 = time.perf_counter()
@@ -135,7 +100,9 @@ def test_generate_upscale_texture_real_backend(addon, real_backend, tmp_path, sh
     f = np.asarray(arrays["faces"])
     assert len(obj.data.vertices) == len(arrays["vertices"])
     assert len(obj.data.polygons) == len(f)
-    assert set(mats.bsdf_links(obj.data.materials[0])) == {"Base Color", "Metallic", "Roughness", "Alpha"}
+    links = mats.bsdf_links(obj.data.materials[0])
+    assert set(links) == {"Base Color", "Metallic", "Roughness", "Alpha"}
+    assert links["Base Color"] == "ShaderNodeTexImage" and "UVMap" in obj.data.uv_layers
     assert obj["trellis2_pipeline"] == "512" and obj["trellis2_seed"] == 3
     print(f"\ngenerate 512 (tiny, incl. backend start + model load): {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()

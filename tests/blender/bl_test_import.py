@@ -188,3 +188,60 @@ def test_import_1m_triangles_fast(addon, clean_scene, mi, artifacts_dir):
                                                               "blender": bpy.app.version_string}))
     print(f"\n1M triangles: mesh {t_mesh:.2f} s, mesh+attributes+material {t_full:.2f} s")
     assert t_mesh < 3.0, t_mesh   # target 1.5 s; headroom for 2 shared cores
+
+
+def test_uv_bake_rasterize_and_orientation(addon):
+    ub = addon_module(addon, "uv_bake")
+    # two triangles covering the unit UV square
+    uv = np.array([[[0, 0], [1, 0], [1, 1]], [[0, 0], [1, 1], [0, 1]]], np.float32)
+    face, bary = ub.rasterize(uv, 16)
+    assert (face >= 0).all()
+    np.testing.assert_allclose(bary.sum(-1), 1.0, atol=1e-5)
+    assert face[-1, -1] == 0 and face[0, 0] == 1        # bottom-right: tri 0; top-left (v=1): tri 1
+    # bake a position-dependent field on a unit quad in 3D (x = u, y = v)
+    verts = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], np.float32)
+    faces = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+    uvq = verts[faces][:, :, :2]
+
+    def sample(p):
+        out = np.zeros((len(p), 6), np.float32)
+        out[:, 0] = p[:, 0]          # red = x = u
+        out[:, 1] = p[:, 1]          # green = y = v
+        out[:, 3], out[:, 4], out[:, 5] = 0.25, 0.75, 1.0
+        return out
+
+    base, mr, cov = ub.bake(verts, faces, uvq, 32, sample)
+    assert cov == 1.0 and base.shape == (32, 32, 4) and mr.shape == (32, 32, 3)
+    assert base[0, -1, 0] > 240 and base[0, -1, 1] > 240     # top-right texel: u≈1, v≈1
+    assert base[-1, 0, 0] < 15 and base[-1, 0, 1] < 15       # bottom-left texel: u≈0, v≈0
+    assert abs(int(mr[5, 5, 1]) - 191) <= 1 and abs(int(mr[5, 5, 2]) - 64) <= 1
+    # partial coverage is padded, never left black
+    small = uvq * 0.5
+    base, _, cov = ub.bake(verts, faces, small, 32, sample)
+    assert 0.2 < cov < 0.3 and base[..., 3].min() == 255
+
+
+def test_generate_result_baked_to_textures(addon, clean_scene, tmp_path):
+    """Voxel-attribute results with 'Baked Textures' get a UV map and PBR images made in Blender."""
+    ops = addon_module(addon, "operators")
+    jobs = addon_module(addon, "jobs")
+    v, f = sphere_arrays(12, 24)
+    res = 32
+    coords = np.unique(np.clip(np.floor((v + 0.5) * res), 0, res - 1).astype(np.int32), axis=0)
+    attrs = np.zeros((len(coords), 6), np.float32)
+    attrs[:, 0] = coords[:, 0] / res
+    attrs[:, 3], attrs[:, 4], attrs[:, 5] = 0.0, 0.5, 1.0
+    rec = jobs.JobRecord("generate-bake", "generate", {"seed": 1, "pipeline_type": "512", "texture_size": 64},
+                         {"name": "baked", "material_mode": "TEXTURES"})
+    rec.status = "done"
+    rec.result = {"arrays": {"vertices": v, "faces": f, "coords": coords, "attrs": attrs},
+                  "meta": {"resolution": res, "seed": 1, "pipeline_type": "512"}}
+    obj = ops.apply_generate(bpy.context, rec)
+    me = obj.data
+    assert [l.name for l in me.uv_layers] == ["UVMap"]
+    mat = me.materials[0]
+    links = addon_module(addon, "materials").bsdf_links(mat)
+    assert links["Base Color"] == "ShaderNodeTexImage" and links["Metallic"] == "ShaderNodeSeparateColor"
+    imgs = [n.image for n in mat.node_tree.nodes if n.bl_idname == "ShaderNodeTexImage"]
+    assert all(tuple(i.size) == (64, 64) for i in imgs)
+    assert not [m for m in bpy.data.materials if m.users == 0]     # the vertex material was dropped

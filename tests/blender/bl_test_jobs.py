@@ -11,7 +11,8 @@ import pytest
 
 import bpy
 
-from helpers import (addon_module, build_plain_mesh, load_spot, stop_backend, use_fake_backend, write_png)
+from helpers import (addon_module, build_plain_mesh, load_spot, render_png, stop_backend, use_fake_backend,
+                     write_png)
 
 
 @pytest.fixture
@@ -85,8 +86,6 @@ def test_texture_selected_keeps_uvs_and_material(addon, fake, tmp_path, shared_d
     mi = np.empty(len(me.polygons), np.int32)
     me.polygons.foreach_get("material_index", mi)
     assert (mi == 1).all()
-    from bl_test_e2e import render_png
-
     render_png(obj, artifacts_dir / "textured_spot_fake_backend.png")
     name = obj.name
     bpy.ops.ed.undo_push(message="after")  # scripted calls push no undo step by themselves
@@ -288,3 +287,17 @@ def test_generate_from_blender_image_with_random_seed(addon, fake, tmp_path):
     assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     job_image = tmp_path / "cache" / "jobs" / obj["trellis2_job"] / "input" / "image.png"
     assert job_image.is_file()
+
+
+def test_disabling_the_addon_stops_the_backend(addon, fake):
+    import addon_utils
+
+    client = fake.ensure_started()
+    proc = client.proc
+    assert proc is not None and proc.poll() is None
+    addon_utils.disable(addon, default_set=True)
+    try:
+        assert proc.wait(timeout=10) is not None        # stopped by unregister, no orphan left
+    finally:
+        addon_utils.enable(addon, default_set=True)
+    assert addon_utils.check(addon)[1]

@@ -60,7 +60,9 @@ def test_create_env_task_plan(addon, tmp_path):
     runtime = addon_module(addon, "runtime")
     t = tasks.create_env_task(str(tmp_path / "env"), runtime.extension_dir(), tmp_path / "env.log", "python3")
     assert t.steps[0] == ["python3", "-m", "venv", str(tmp_path / "env")]
-    assert t.steps[-1][:4] == [str(tasks.venv_python(str(tmp_path / "env"))), "-m", "pip", "install"]
+    req = runtime.extension_dir() / "backend" / "requirements.txt"
+    assert t.steps[-1] == [str(tasks.venv_python(str(tmp_path / "env"))), "-m", "pip", "install", "-r", str(req)]
+    assert "torch==2.13.0" in req.read_text()  # the pinned backend requirements travel in the zip
     assert "PYTHONPATH" not in t.env
 
 

@@ -47,6 +47,7 @@ def test_main_panel_draws_in_every_state(addon, clean_scene):
         ops = layout.operators()
         assert "trellis.generate" in ops and "trellis.texture_selected" in ops
         assert any("Preferences" in t for t in layout.texts())
+        assert "Pick an input image first" in layout.texts()
         nested = [c for c in layout.calls if c["fn"] == "panel"]
         assert len(nested) == 2, "sampling and output sub-panels (layout.panel)"
 

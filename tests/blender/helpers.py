@@ -319,3 +319,41 @@ def build_plain_mesh(name: str, n: int = 6) -> "bpy.types.Object":
     obj.select_set(True)
     bpy.context.view_layer.objects.active = obj
     return obj
+
+
+def render_png(obj, path: Path, size: int = 96, samples: int = 4) -> None:
+    """A small Cycles CPU render of ``obj`` (camera + sun added and removed again)."""
+    import math
+
+    from mathutils import Vector
+
+    scene = bpy.context.scene
+    scene.render.engine = "CYCLES"
+    scene.cycles.device = "CPU"
+    scene.cycles.samples = samples
+    if hasattr(scene.cycles, "use_denoising"):
+        scene.cycles.use_denoising = False
+    scene.render.resolution_x = scene.render.resolution_y = size
+    scene.render.resolution_percentage = 100
+    scene.render.image_settings.file_format = "PNG"
+    bpy.context.view_layer.update()
+    corners = [obj.matrix_world @ Vector(c) for c in obj.bound_box]
+    center = sum(corners, Vector()) / 8
+    radius = max((c - center).length for c in corners)
+    cam_data = bpy.data.cameras.new("trellis_test_cam")
+    cam = bpy.data.objects.new("trellis_test_cam", cam_data)
+    cam.location = center + Vector((1.0, -1.2, 0.8)).normalized() * radius * 3.2
+    cam.rotation_euler = (center - cam.location).to_track_quat("-Z", "Y").to_euler()
+    sun_data = bpy.data.lights.new("trellis_test_sun", "SUN")
+    sun_data.energy = 3.0
+    sun = bpy.data.objects.new("trellis_test_sun", sun_data)
+    sun.rotation_euler = (math.radians(40), 0.0, math.radians(30))
+    for o in (cam, sun):
+        scene.collection.objects.link(o)
+    if scene.world is None:
+        scene.world = bpy.data.worlds.new("trellis_test_world")
+    scene.camera = cam
+    scene.render.filepath = str(path)
+    bpy.ops.render.render(write_still=True)
+    bpy.data.objects.remove(cam)
+    bpy.data.objects.remove(sun)

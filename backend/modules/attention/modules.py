@@ -16,7 +16,7 @@ from torch import nn
 from .full_attn import scaled_dot_product_attention
 from .rope import apply_rotary_embedding
 
-__all__ = ["MultiHeadRMSNorm", "MultiHeadAttention"]
+__all__ = ["MultiHeadRMSNorm", "MultiHeadAttentionBase", "MultiHeadAttention"]
 
 
 class MultiHeadRMSNorm(nn.Module):
@@ -31,16 +31,19 @@ class MultiHeadRMSNorm(nn.Module):
         return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
 
 
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention on ``[B, L, C]`` tokens.
+class MultiHeadAttentionBase(nn.Module):
+    """Parameters and q/k post-processing shared by :class:`MultiHeadAttention` and the sparse
+    ``SparseMultiHeadAttention`` (which differ only in how tokens are laid out in ``forward``).
 
     Args:
         channels: model width C.
         num_heads: number of heads H (head dim C / H).
         ctx_channels: width of the context tokens (cross-attention), defaults to C.
         type: ``"self"`` or ``"cross"``.
+        attn_mode: only ``"full"``.
         qkv_bias: bias on the projections.
-        use_rope: rotate q and k (self-attention only) with phases passed to :meth:`forward`.
+        use_rope: rotate q and k (self-attention only).
+        rope_freq: RoPE base frequencies, stored as a tuple.
         qk_rms_norm: per-head RMS norm on q and k (before RoPE).
     """
 
@@ -58,12 +61,12 @@ class MultiHeadAttention(nn.Module):
         if use_rope and type == "cross":
             raise ValueError("RoPE is only supported for self-attention")
         self.channels = channels
+        self.num_heads = num_heads
         self.head_dim = channels // num_heads
         self.ctx_channels = ctx_channels if ctx_channels is not None else channels
-        self.num_heads = num_heads
         self._type = type
         self.use_rope = use_rope
-        self.rope_freq = rope_freq
+        self.rope_freq = tuple(rope_freq)
         self.qk_rms_norm = qk_rms_norm
         if type == "self":
             self.to_qkv = nn.Linear(channels, channels * 3, bias=qkv_bias)
@@ -74,6 +77,28 @@ class MultiHeadAttention(nn.Module):
             self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
             self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads)
         self.to_out = nn.Linear(channels, channels)
+
+    def _norm_and_rotate(self, q: torch.Tensor, k: torch.Tensor,
+                         phases: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q``/``k [..., H, D]`` after the per-head RMS norms (``qk_rms_norm``), then RoPE with
+        ``phases`` (``use_rope``; raises ``ValueError`` if ``phases`` is None then)."""
+        if self.qk_rms_norm:
+            q = self.q_rms_norm(q)
+            k = self.k_rms_norm(k)
+        if self.use_rope:
+            if phases is None:
+                raise ValueError("use_rope=True needs phases")
+            q = apply_rotary_embedding(q, phases)
+            k = apply_rotary_embedding(k, phases)
+        return q, k
+
+
+class MultiHeadAttention(MultiHeadAttentionBase):
+    """Multi-head attention on ``[B, L, C]`` tokens.
+
+    Args are those of :class:`MultiHeadAttentionBase`; with ``use_rope`` the phases are passed to
+    :meth:`forward`.
+    """
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 phases: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,13 +113,6 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("cross-attention needs a context")
             q = self.to_q(x).reshape(B, L, H, self.head_dim)
             k, v = self.to_kv(context).reshape(B, context.shape[1], 2, H, self.head_dim).unbind(dim=2)
-        if self.qk_rms_norm:
-            q = self.q_rms_norm(q)
-            k = self.k_rms_norm(k)
-        if self.use_rope:
-            if phases is None:
-                raise ValueError("use_rope=True needs phases")
-            q = apply_rotary_embedding(q, phases)
-            k = apply_rotary_embedding(k, phases)
+        q, k = self._norm_and_rotate(q, k, phases)
         h = scaled_dot_product_attention(q, k, v)
         return self.to_out(h.reshape(B, L, self.channels))

@@ -45,6 +45,8 @@ __all__ = [
     "submanifold_conv3d",
     "submanifold_conv3d_rows",
     "submanifold_conv3d_pairs",
+    "build_pair_lists",
+    "get_pair_lists",
     "pack_coords",
     "CHUNK_BYTES",
     "ALGORITHM",
@@ -67,6 +69,7 @@ def _auto_algorithm(feats: torch.Tensor, cin: int, cout: int) -> str:
     return "gather"
 
 _NBR_KEY = "submconv3_nbr"
+_PAIRS_KEY = "submconv3_pairs"
 
 #: Offsets of the 27 taps, tap v = 9i + 3j + l  ->  (i-1, j-1, l-1) on (x, y, z).
 _OFFSETS = torch.stack(torch.meshgrid(
@@ -146,8 +149,8 @@ def submanifold_conv3d_rows(
     m = n if rows is None else rows.shape[0]
     if m == 0:
         return feats.new_empty(0, cout)
-    # zero row at index n stands for "no neighbour"
-    padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)
+    # missing neighbours gather row 0 and are then zeroed in the (small) chunk buffer, so no padded
+    # copy of the whole feature matrix is ever made
     wt = weight2d.t()
     step = _chunk_rows(cin, feats.element_size())
     if _needs_autograd(feats, weight2d, bias):
@@ -155,8 +158,9 @@ def submanifold_conv3d_rows(
         for s in range(0, m, step):
             e = min(m, s + step)
             idx = nbr[s:e] if rows is None else nbr.index_select(0, rows[s:e])
-            idx = torch.where(idx < 0, n, idx.long())
-            cols = padded.index_select(0, idx.reshape(-1)).reshape(e - s, 27 * cin)
+            miss = (idx < 0).unsqueeze(-1)
+            cols = feats.index_select(0, idx.clamp(min=0).reshape(-1)).view(e - s, 27, cin)
+            cols = cols.masked_fill(miss, 0).reshape(e - s, 27 * cin)
             res = torch.addmm(bias, cols, wt) if bias is not None else cols @ wt
             if out is None:
                 return res
@@ -168,8 +172,10 @@ def submanifold_conv3d_rows(
     for s in range(0, m, step):
         e = min(m, s + step)
         idx = nbr[s:e] if rows is None else nbr.index_select(0, rows[s:e])
-        idx = torch.where(idx < 0, n, idx.long()).reshape(-1)
-        cols = torch.index_select(padded, 0, idx, out=buf[:idx.shape[0]]).view(e - s, 27 * cin)
+        miss = (idx < 0).unsqueeze(-1)
+        g = torch.index_select(feats, 0, idx.clamp(min=0).reshape(-1), out=buf[:(e - s) * 27])
+        g.view(e - s, 27, cin).masked_fill_(miss, 0)
+        cols = g.view(e - s, 27 * cin)
         if bias is not None:
             torch.addmm(bias, cols, wt, out=out[s:e])
         else:
@@ -181,16 +187,45 @@ def _needs_autograd(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
+def build_pair_lists(nbr: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For taps v < 13: ``(i, j)`` int64 with ``j = nbr[i, v]`` present.
+
+    By symmetry the pairs of tap ``26 - v`` are ``(j, i)``, so 13 lists cover all 26 off-centre taps
+    (~70 bytes per voxel on surfaces).
+    """
+    out = []
+    for v in range(13):
+        col = nbr[:, v]
+        i = torch.nonzero(col >= 0).squeeze(1)
+        out.append((i, col.index_select(0, i).long()))
+    return out
+
+
+def get_pair_lists(x: SparseTensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cached pair lists of ``x`` (built from its neighbour map on first use)."""
+    return x.get_cache(_PAIRS_KEY, lambda: build_pair_lists(get_neighbor_map(x)))
+
+
+def _needs_autograd(*ts: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
 def submanifold_conv3d_pairs(
-    feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    feats: torch.Tensor, nbr: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Per-tap gather → GEMM → ``index_add`` over the existing neighbour pairs only.
 
-    Without autograd the gathered rows and the GEMM result go to two reused buffers (``out=``),
-    which avoids ~50 large allocations (and their page faults) per conv.
+    ``pairs`` (from :func:`build_pair_lists`) is derived from ``nbr`` when not given. Without
+    autograd the gathered rows and the GEMM result go to two reused buffers (``out=``), which
+    avoids ~50 large allocations (and their page faults) per conv.
     """
     n, cin = feats.shape
     cout = weight.shape[0]
+    if pairs is None:
+        if nbr is None:
+            raise ValueError("need nbr or pairs")
+        pairs = build_pair_lists(nbr)
     w = weight.to(feats.dtype).reshape(cout, 27, cin)
     grad = _needs_autograd(feats, weight, bias)
     # the centre tap pairs every voxel with itself: a plain GEMM initialises the output
@@ -201,29 +236,24 @@ def submanifold_conv3d_pairs(
     m = min(n, step)
     gbuf = None if grad else feats.new_empty(m, cin)
     ybuf = None if grad else feats.new_empty(m, cout)
-    for v in range(27):
-        if v == 13:
-            continue
-        col = nbr[:, v]
-        rows = torch.nonzero(col >= 0).squeeze(1)
-        if rows.numel() == 0:
-            continue
-        src = col.index_select(0, rows).long()
-        wt = w[:, v].t()
-        for s in range(0, rows.shape[0], step):
-            r, j = rows[s:s + step], src[s:s + step]
-            if grad:
-                out.index_add_(0, r, feats.index_select(0, j) @ wt)
-            else:
-                k = r.shape[0]
-                g = torch.index_select(feats, 0, j, out=gbuf[:k])
-                out.index_add_(0, r, torch.mm(g, wt, out=ybuf[:k]))
+    for v, (pi, pj) in enumerate(pairs):
+        # tap v: out[i] += W_v feats[j];  mirrored tap 26 - v: out[j] += W_{26-v} feats[i]
+        for tap, dst, src in ((v, pi, pj), (26 - v, pj, pi)):
+            wt = w[:, tap].t()
+            for s in range(0, dst.shape[0], step):
+                r, j = dst[s:s + step], src[s:s + step]
+                if grad:
+                    out.index_add_(0, r, feats.index_select(0, j) @ wt)
+                else:
+                    k = r.shape[0]
+                    g = torch.index_select(feats, 0, j, out=gbuf[:k])
+                    out.index_add_(0, r, torch.mm(g, wt, out=ybuf[:k]))
     return out
 
 
 def submanifold_conv3d(
     feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-    algorithm: str | None = None,
+    algorithm: str | None = None, pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Submanifold conv of ``feats [N, C_in]`` with ``weight [C_out, 3, 3, 3, C_in]`` over ``nbr``.
 
@@ -236,7 +266,7 @@ def submanifold_conv3d(
     if algo == "auto":
         algo = _auto_algorithm(feats, cin, cout)
     if algo == "pairs":
-        return submanifold_conv3d_pairs(feats, nbr, weight, bias)
+        return submanifold_conv3d_pairs(feats, nbr, weight, bias, pairs)
     if algo != "gather":
         raise ValueError(f"unknown sparse conv algorithm {algo!r}")
     w2 = weight.to(feats.dtype).reshape(cout, 27 * cin)
@@ -317,7 +347,12 @@ class SparseConv3d(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.device.type == "cuda" and _spconv_module() is not None:  # pragma: no cover
             return x.replace(_spconv_forward(self, x))
-        return x.replace(submanifold_conv3d(x.feats, get_neighbor_map(x), self.weight, self.bias))
+        algo = ALGORITHM if ALGORITHM != "auto" else _auto_algorithm(x.feats, self.in_channels, self.out_channels)
+        if algo == "pairs":
+            out = submanifold_conv3d_pairs(x.feats, None, self.weight, self.bias, get_pair_lists(x))
+        else:
+            out = submanifold_conv3d(x.feats, get_neighbor_map(x), self.weight, self.bias, algo)
+        return x.replace(out)
 
     def forward_children(self, x: SparseTensor, parent: torch.Tensor, child: torch.Tensor) -> torch.Tensor:
         """Channel-to-space-aware conv: outputs only the kept children's channel slices.

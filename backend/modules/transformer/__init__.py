@@ -2,9 +2,9 @@
 
 from .blocks import FeedForwardNet, LayerNorm32, convert_linear_to, str_to_dtype
 from .embedders import TimestepEmbedder, timestep_embedding
-from .modulated import ModulatedTransformerCrossBlock, split_modulation
+from .modulated import ModulatedCrossBlockBase, ModulatedTransformerCrossBlock, split_modulation
 
 __all__ = [
     "FeedForwardNet", "LayerNorm32", "convert_linear_to", "str_to_dtype", "TimestepEmbedder",
-    "timestep_embedding", "ModulatedTransformerCrossBlock", "split_modulation",
+    "timestep_embedding", "ModulatedCrossBlockBase", "ModulatedTransformerCrossBlock", "split_modulation",
 ]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import MultiHeadAttention
+from ..attention import MultiHeadAttention, MultiHeadAttentionBase
 from .blocks import FeedForwardNet, LayerNorm32
 
-__all__ = ["ModulatedTransformerCrossBlock", "split_modulation"]
+__all__ = ["ModulatedCrossBlockBase", "ModulatedTransformerCrossBlock", "split_modulation"]
 
 
 def split_modulation(block: nn.Module, mod: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -23,9 +23,18 @@ def split_modulation(block: nn.Module, mod: torch.Tensor) -> tuple[torch.Tensor,
     return block.adaLN_modulation(mod).chunk(6, dim=1)
 
 
-class ModulatedTransformerCrossBlock(nn.Module):
-    """``x += g1·SelfAttn(LN1(x)·(1+s1)+b1)``; ``x += CrossAttn(LN2(x), ctx)``;
-    ``x += g2·FFN(LN3(x)·(1+s2)+b2)``. LN1/LN3 non-affine, LN2 affine, all eps 1e-6 in fp32."""
+class ModulatedCrossBlockBase(nn.Module):
+    """Modules of the adaLN-modulated cross-attention DiT block, dense or sparse (no ``forward``).
+
+    Subclasses set :attr:`attention_cls` (built as ``self_attn`` and ``cross_attn`` with the same
+    arguments) and implement ``forward``. Keys: ``norm1`` / ``norm3`` (non-affine) and ``norm2``
+    (affine) LayerNorms, eps 1e-6 in fp32; ``self_attn``, ``cross_attn``, ``mlp``; with
+    ``share_mod`` a ``modulation [6C]`` parameter added to the model's shared ``mod``, else an own
+    ``adaLN_modulation``. ``use_checkpoint`` is accepted and ignored.
+    """
+
+    #: the multi-head attention class (dense or sparse)
+    attention_cls: type[MultiHeadAttentionBase]
 
     def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
                  attn_mode: str = "full", use_checkpoint: bool = False, use_rope: bool = False,
@@ -36,10 +45,10 @@ class ModulatedTransformerCrossBlock(nn.Module):
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
-        self.self_attn = MultiHeadAttention(channels, num_heads, type="self", attn_mode=attn_mode,
+        self.self_attn = self.attention_cls(channels, num_heads, type="self", attn_mode=attn_mode,
                                             qkv_bias=qkv_bias, use_rope=use_rope, rope_freq=rope_freq,
                                             qk_rms_norm=qk_rms_norm)
-        self.cross_attn = MultiHeadAttention(channels, num_heads, ctx_channels=ctx_channels,
+        self.cross_attn = self.attention_cls(channels, num_heads, ctx_channels=ctx_channels,
                                              type="cross", attn_mode=attn_mode, qkv_bias=qkv_bias,
                                              qk_rms_norm=qk_rms_norm_cross)
         self.mlp = FeedForwardNet(channels, mlp_ratio=mlp_ratio)
@@ -47,6 +56,13 @@ class ModulatedTransformerCrossBlock(nn.Module):
             self.modulation = nn.Parameter(torch.randn(6 * channels) / channels ** 0.5)
         else:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels, bias=True))
+
+
+class ModulatedTransformerCrossBlock(ModulatedCrossBlockBase):
+    """``x += g1·SelfAttn(LN1(x)·(1+s1)+b1)``; ``x += CrossAttn(LN2(x), ctx)``;
+    ``x += g2·FFN(LN3(x)·(1+s2)+b2)``. LN1/LN3 non-affine, LN2 affine, all eps 1e-6 in fp32."""
+
+    attention_cls = MultiHeadAttention
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor, context: torch.Tensor,
                 phases: torch.Tensor | None = None) -> torch.Tensor:
