@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backend.modules.sparse import SparseConv3d, SparseTensor, build_neighbor_map  # noqa: E402
-from backend.modules.sparse.conv import submanifold_conv3d  # noqa: E402
+from backend.modules.sparse.conv import build_pair_lists, submanifold_conv3d  # noqa: E402
 
 
 def shell_coords(n_target: int, seed: int = 0) -> torch.Tensor:
@@ -121,13 +121,17 @@ def bench_conv(n: int, cin: int, cout: int, reps: int, device: torch.device, dty
     nbr = build_neighbor_map(x.coords)
     _sync(device)
     t_nbr = time.perf_counter() - t
+    t = time.perf_counter()
+    pairs = build_pair_lists(nbr)
+    _sync(device)
+    t_pairs = time.perf_counter() - t
     valid = float((nbr >= 0).sum()) / nbr.shape[0]
     gflop = 2 * coords.shape[0] * 27 * cin * cout / 1e9
     res = {"N": int(coords.shape[0]), "cin": cin, "cout": cout, "taps": round(valid, 1),
-           "nbr_ms": round(t_nbr * 1e3, 1)}
+           "nbr_ms": round(t_nbr * 1e3, 1), "pair_lists_ms": round(t_pairs * 1e3, 1)}
     with torch.no_grad():
         for algo in algos:
-            t_fwd, peak = measure(lambda: submanifold_conv3d(feats, nbr, conv.weight, conv.bias, algo),
+            t_fwd, peak = measure(lambda: submanifold_conv3d(feats, nbr, conv.weight, conv.bias, algo, pairs),
                                   device, reps)
             res[f"{algo}_ms"] = round(t_fwd * 1e3, 1)
             res[f"{algo}_peak_mb"] = round(peak / 2**20, 1)
@@ -169,7 +173,7 @@ import spconv.pytorch.ops as ops
 ops.get_current_stream = lambda: 0   # CPU-only build calls a CUDA stream getter unconditionally
 from benchmarks.sparse_conv import shell_coords
 from backend.modules.sparse import SparseConv3d, build_neighbor_map
-from backend.modules.sparse.conv import submanifold_conv3d
+from backend.modules.sparse.conv import build_pair_lists, submanifold_conv3d
 n, cin, cout, reps = (int(a) for a in sys.argv[3:7])
 coords = shell_coords(n)
 feats = torch.randn(coords.shape[0], cin, generator=torch.Generator().manual_seed(1))
@@ -184,7 +188,8 @@ with torch.no_grad():
     res["spconv_rulebook_plus_fwd_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     t0 = time.perf_counter()
     nbr = build_neighbor_map(coords)
-    res["ours_nbr_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    pairs = build_pair_lists(nbr)
+    res["ours_nbr_plus_pairs_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     best = {"spconv": 9e9, "gather": 9e9, "pairs": 9e9}
     outs = {}
     for _ in range(reps):   # interleaved, so both see the same machine load
@@ -193,7 +198,7 @@ with torch.no_grad():
         t0 = time.perf_counter(); outs["spconv"] = sub(x).features
         best["spconv"] = min(best["spconv"], time.perf_counter() - t0)
         for algo in ("gather", "pairs"):
-            t0 = time.perf_counter(); outs[algo] = submanifold_conv3d(feats, nbr, ours.weight, ours.bias, algo)
+            t0 = time.perf_counter(); outs[algo] = submanifold_conv3d(feats, nbr, ours.weight, ours.bias, algo, pairs)
             best[algo] = min(best[algo], time.perf_counter() - t0)
     for k, v in best.items():
         res[f"{k}_1thr_ms"] = round(v * 1e3, 1)

@@ -102,42 +102,34 @@ class SurfaceDistance:
             best = np.minimum(best, np.linalg.norm(q - cp, axis=1))
         return best
 
-    def distance(self, p: np.ndarray, chunk: int = 100_000) -> np.ndarray:
+    def distance(self, p: np.ndarray, chunk: int = 100_000, k: int = 16) -> np.ndarray:
         p = np.asarray(p, np.float64)
         out = np.empty(p.shape[0])
         n = self.a.shape[0]
+        k = min(k, n)
+        self.unverified = 0
         for s in range(0, p.shape[0], chunk):
             q = p[s:s + chunk]
-            k = min(16, n)
-            while True:
-                dk, idx = self.tree.query(q, k=k)
-                idx = idx.reshape(q.shape[0], k)
-                dk = dk.reshape(q.shape[0], k)
-                best = self._best(q, idx)
-                ok = (dk[:, -1] >= best + self.rmax) | (k >= n)
-                if ok.all() or k >= n:
-                    break
-                # retry only the unverified points with a larger k
-                bad = np.flatnonzero(~ok)
-                k2 = min(k * 4, n)
+            dk, idx = self.tree.query(q, k=k)
+            idx = idx.reshape(q.shape[0], k)
+            dk = dk.reshape(q.shape[0], k)
+            best = self._best(q, idx)
+            bad = np.flatnonzero(dk[:, -1] < best + self.rmax)
+            if bad.shape[0] and k < n:
+                k2 = min(4 * k, n)
                 dk2, idx2 = self.tree.query(q[bad], k=k2)
-                best[bad] = self._best(q[bad], idx2.reshape(bad.shape[0], k2))
-                ok2 = (dk2.reshape(bad.shape[0], k2)[:, -1] >= best[bad] + self.rmax) | (k2 >= n)
-                if not ok2.all():
-                    rest = bad[~ok2]
-                    best[rest] = self._best(q[rest], np.tile(np.arange(n), (rest.shape[0], 1))) \
-                        if n <= 4096 else self._best(q[rest], self.tree.query(q[rest], k=min(n, 1024))[1])
-                break
+                best[bad] = np.minimum(best[bad], self._best(q[bad], idx2.reshape(bad.shape[0], k2)))
+                self.unverified += int((dk2.reshape(bad.shape[0], k2)[:, -1] < best[bad] + self.rmax).sum())
             out[s:s + chunk] = best
         return out
 
 
-def roundtrip_metrics(src_v, src_f, dec_v, dec_f, voxel: float, n: int = 50_000, f1_tau: float = 0.5) -> dict:
+def roundtrip_metrics(src_v, src_f, dec_v, dec_f, voxel: float, n: int = 30_000, f1_tau: float = 0.5) -> dict:
     """Chamfer (mean of both directions, point-to-triangle) and F1@tau, in voxel units."""
     a_pts, _ = sample_surface(src_v, src_f, n, seed=2)
     b_pts, _ = sample_surface(dec_v, dec_f, n, seed=3)
-    d_ab = SurfaceDistance(dec_v, dec_f, 2 * voxel).distance(a_pts) / voxel  # input -> decoded (recall)
-    d_ba = SurfaceDistance(src_v, src_f, 2 * voxel).distance(b_pts) / voxel  # decoded -> input (precision)
+    d_ab = SurfaceDistance(dec_v, dec_f, 1.5 * voxel).distance(a_pts) / voxel  # input -> decoded (recall)
+    d_ba = SurfaceDistance(src_v, src_f, 1.5 * voxel).distance(b_pts) / voxel  # decoded -> input (precision)
     prec = float((d_ba <= f1_tau).mean())
     rec = float((d_ab <= f1_tau).mean())
     f1 = 2 * prec * rec / max(prec + rec, 1e-12)

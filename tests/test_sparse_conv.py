@@ -70,7 +70,8 @@ def test_conv_chunked_equals_unchunked(algo: str, monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(full, chunked, atol=1e-5, rtol=1e-5)
 
 
-def test_neighbor_map_symmetry_and_cache() -> None:
+def test_neighbor_map_symmetry_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conv_mod, "ALGORITHM", "gather")
     x = _random_sparse(5, shuffle=True)
     nbr = build_neighbor_map(x.coords)
     assert nbr.dtype == torch.int32
@@ -95,6 +96,21 @@ def test_neighbor_map_symmetry_and_cache() -> None:
         m1 = y.spatial_cache["submconv3_nbr"]
         conv(y)
     assert y.spatial_cache["submconv3_nbr"] is m1
+
+
+def test_pair_lists_cached_and_mirrored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conv_mod, "ALGORITHM", "pairs")
+    x = _random_sparse(9, shuffle=True)
+    conv = SparseConv3d(5, 5)
+    with torch.no_grad():
+        y = conv(x)
+        pairs = y.spatial_cache["submconv3_pairs"]
+        conv(y)
+    assert y.spatial_cache["submconv3_pairs"] is pairs and len(pairs) == 13
+    nbr = build_neighbor_map(x.coords).long()
+    for v, (i, j) in enumerate(pairs):
+        assert torch.equal(nbr[i, v], j) and torch.equal(nbr[j, 26 - v], i)
+        assert int((nbr[:, v] >= 0).sum()) == i.numel()
 
 
 def test_forward_children_equals_full_conv_then_slice() -> None:
