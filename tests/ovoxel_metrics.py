@@ -102,7 +102,7 @@ class SurfaceDistance:
             best = np.minimum(best, np.linalg.norm(q - cp, axis=1))
         return best
 
-    def distance(self, p: np.ndarray, chunk: int = 100_000, k: int = 16) -> np.ndarray:
+    def distance(self, p: np.ndarray, chunk: int = 100_000, k: int = 10) -> np.ndarray:
         p = np.asarray(p, np.float64)
         out = np.empty(p.shape[0])
         n = self.a.shape[0]

@@ -106,11 +106,13 @@ def test_pair_lists_cached_and_mirrored(monkeypatch: pytest.MonkeyPatch) -> None
         y = conv(x)
         pairs = y.spatial_cache["submconv3_pairs"]
         conv(y)
-    assert y.spatial_cache["submconv3_pairs"] is pairs and len(pairs) == 13
+    assert y.spatial_cache["submconv3_pairs"] is pairs and len(pairs) == 26
+    assert sorted(t for t, _, _ in pairs) == [v for v in range(27) if v != 13]
     nbr = build_neighbor_map(x.coords).long()
-    for v, (i, j) in enumerate(pairs):
-        assert torch.equal(nbr[i, v], j) and torch.equal(nbr[j, 26 - v], i)
-        assert int((nbr[:, v] >= 0).sum()) == i.numel()
+    for tap, dst, src in pairs:
+        assert torch.equal(nbr[dst, tap], src)
+        assert bool((dst[1:] >= dst[:-1]).all())
+        assert int((nbr[:, tap] >= 0).sum()) == dst.numel()
 
 
 def test_forward_children_equals_full_conv_then_slice() -> None:

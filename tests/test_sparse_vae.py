@@ -74,3 +74,13 @@ def test_decoder_fp16_conversion_keeps_norms_fp32() -> None:
     assert dt["blocks.0.0.conv.weight"] == torch.float16 and dt["blocks.0.0.mlp.0.weight"] == torch.float16
     assert dt["blocks.0.0.norm.weight"] == torch.float32 and dt["from_latent.weight"] == torch.float32
     assert dec.dtype == torch.float16
+
+
+@pytest.mark.parametrize("name", ["shape_encoder", "tex_decoder_guided", "tex_decoder_encoder_cache"])
+def test_golden_case_pairs_algorithm(golden_dir: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-tap ``pairs`` conv reproduces the golden cases too (the default on one CPU thread)."""
+    from backend.modules.sparse import conv as conv_mod
+
+    monkeypatch.setattr(conv_mod, "ALGORITHM", "pairs")
+    report = run_case(golden_dir, name)
+    assert report.passed, report.errors

@@ -10,9 +10,11 @@ Conventions (apply to every function)
 * **Grid.** Resolution ``R``; AABB ``aabb = [[x0, y0, z0], [x1, y1, z1]]`` (default ``[[-0.5]*3, [0.5]*3]``);
   voxel size ``s = (aabb[1] - aabb[0]) / R`` (per axis). Voxel ``(i, j, k)`` covers
   ``aabb[0] + [i, i+1) x [j, j+1) x [k, k+1) * s``; its centre is ``(i + 0.5, j + 0.5, k + 0.5)`` in voxel units.
-* **coords**: int32 ``[N, 3]`` in ``[0, R)``, unique. Encoder output is in **Morton (z-order) order**
-  (x is the high bit of each bit triplet; see :func:`morton_encode`), like the official README/.vxz.
-  Every function accepts any row order and preserves the caller's row order in its outputs.
+* **coords**: int32 ``[N, 3]`` in ``[0, R)``, unique. The encoder returns **lexicographic (x, y, z)
+  order** by default (free, and what the decoder's fast path likes); ``order="morton"`` gives the
+  official z-order (x is the high bit of each bit triplet; :func:`morton_encode`, as the official
+  README / .vxz). Every function accepts any row order and preserves the caller's row order in its
+  outputs (decoded vertex i <-> voxel row i before unused-vertex removal).
 * **dual_vertices**: float32 ``[N, 3]`` **voxel-local offsets** (the official layout that the shape
   VAE encoder consumes as ``in.vertices`` and the decoder head produces): the world position of the
   dual vertex of row ``n`` is ``aabb[0] + (coords[n] + dual_vertices[n]) * s``. The encoder produces
@@ -46,7 +48,8 @@ Encoding (mesh -> O-Voxel)
     duplicate faces, weld by position).
 Decoding (O-Voxel -> mesh)
     :func:`decode_mesh` (clean mode by default: working split without γ, unused vertices removed,
-    consistent outward orientation; ``official=True`` reproduces ``flexible_dual_grid_to_mesh`` bit for bit),
+    consistent outward orientation; ``official=True`` reproduces ``flexible_dual_grid_to_mesh`` bit for bit,
+    face order included; the clean mode keeps the official face order too and only reverses windings),
     :func:`flexible_dual_grid_to_mesh` (the official signature, official semantics),
     :func:`decode_ovoxel` (convenience for an :class:`OVoxel`).
 PBR attributes
@@ -55,7 +58,13 @@ PBR attributes
     :class:`AttributeSampler` (same, with the voxel index built once for repeated queries).
 Sparse grid helpers
     :class:`VoxelIndex` (coords -> row lookup, ``-1`` when absent), :func:`morton_encode`,
-    :func:`morton_decode`, :func:`pack_flags`, :func:`unpack_flags`, :func:`quantize_dual_vertices`.
+    :func:`morton_decode`, :func:`pack_flags`, :func:`unpack_flags`, :func:`quantize_dual_vertices`,
+    :func:`triangle_voxel_pairs` (the scan-line (triangle, voxel) pairs every per-voxel bake uses).
+Procedural meshes and checks (tests, benchmarks, add-on self-tests)
+    ``backend.ovoxel.shapes`` (uv_sphere, torus, box, open_cylinder), ``backend.ovoxel.meshutil``
+    (edge_stats, signed_volume, sample_surface).
+Command line
+    ``trellis2 ovoxel encode MESH -r R -o OUT.npz`` / ``decode IN.npz -o OUT.glb|.ply|.obj`` / ``info``.
 Files
     :func:`save_npz` / :func:`load_npz` (versioned ``.npz``, ``format_version`` checked on load),
     :func:`save_vxz` / :func:`load_vxz` (official ``.vxz`` container), :func:`save` / :func:`load`
@@ -79,7 +88,7 @@ from ._types import (
 )
 from .mesh import Material, MeshData, Texture
 from .grid import VoxelIndex, morton_decode, morton_encode
-from .encode import encode_mesh, encode_shape, normalize_vertices, prepare_mesh
+from .encode import encode_mesh, encode_shape, normalize_vertices, prepare_mesh, triangle_voxel_pairs
 from .decode import decode_mesh, decode_ovoxel, flexible_dual_grid_to_mesh
 from .pbr import AttributeSampler, sample_attributes, voxelize_pbr
 from .io import load, load_npz, load_vxz, save, save_npz, save_vxz
@@ -89,7 +98,7 @@ __all__ = [
     "OVoxel", "OVoxelError", "pack_flags", "unpack_flags", "quantize_dual_vertices",
     "MeshData", "Material", "Texture",
     "VoxelIndex", "morton_encode", "morton_decode",
-    "encode_shape", "encode_mesh", "normalize_vertices", "prepare_mesh",
+    "encode_shape", "encode_mesh", "normalize_vertices", "prepare_mesh", "triangle_voxel_pairs",
     "decode_mesh", "decode_ovoxel", "flexible_dual_grid_to_mesh",
     "voxelize_pbr", "sample_attributes", "AttributeSampler",
     "save_npz", "load_npz", "save_vxz", "load_vxz", "save", "load",

@@ -39,7 +39,7 @@ def _check_inputs(coords, dual_vertices, intersected, split_weight, resolution):
         sw = np.asarray(split_weight, dtype=np.float32).reshape(-1)
         if sw.shape[0] != n:
             raise OVoxelError(f"split_weight must have {n} entries, got {sw.shape[0]}")
-    c = c.astype(np.int64)
+    c = c.astype(np.int32 if resolution < (1 << 30) else np.int64)
     if n and (c.min() < 0 or c.max() >= resolution):
         raise OVoxelError(f"coords must lie in [0, {resolution})")
     if not np.isfinite(dv).all():
@@ -47,7 +47,7 @@ def _check_inputs(coords, dual_vertices, intersected, split_weight, resolution):
     return c, dv, fl, sw
 
 
-_TABLE_CELLS = 1 << 22  # int32 cells of the slab lookup table (16 MiB)
+_TABLE_CELLS = 1 << 23  # int32 cells of the slab lookup table (32 MiB)
 
 
 def lex_permutation(c: np.ndarray, R: int):
@@ -70,78 +70,113 @@ def lex_permutation(c: np.ndarray, R: int):
     return np.argsort(k, kind="stable")
 
 
-def _quads(c: np.ndarray, fl: np.ndarray, R: int, order):
+def _quads(c: np.ndarray, fl: np.ndarray, R: int, order, check_faces: bool = False):
     """Quads in the official order (voxel row, then axis x, y, z).
 
-    Returns (quads [L, 4] int64 rows, owner axis [L] int8). Neighbours are found with dense int32
-    tables over slabs of x-planes of the lexicographically sorted voxels (rows padded to R + 1 so
-    neighbours beyond the grid read an empty cell).
+    Returns (quads [L, 4] rows, owner axis [L] int8, faces_even). Neighbours are found with dense int32
+    tables over slabs of x-planes of the lexicographically sorted voxels (coordinates padded by one
+    cell on each side so neighbours beyond the grid read an empty cell). With ``check_faces``,
+    ``faces_even`` tells whether every primal face has an even number of flagged edges (then the
+    flags bound a closed surface and ray parity orients it consistently); else it is None.
     """
     n = c.shape[0]
     fl8 = fl.astype(np.int8)
-    cnt = fl8.sum(axis=1, dtype=np.int64)
+    cnt = fl8[:, 0].astype(np.int64) + fl8[:, 1] + fl8[:, 2]
     M = int(cnt.sum())
     if M == 0:
-        return np.zeros((0, 4), np.int64), np.zeros(0, np.int8)
+        return np.zeros((0, 4), np.int64), np.zeros(0, np.int8), True
     pid = [np.cumsum(cnt) - cnt]
     pid.append(pid[0] + fl8[:, 0])
     pid.append(pid[1] + fl8[:, 1])
     if order is not None:
         c = c[order]
         fl = fl[order]
+        fl8 = fl8[order]
         pid = [p[order] for p in pid]
-    R1 = R + 1
-    PP = R1 * R1
-    lkey_all = c[:, 1].astype(np.int64) * R1 + c[:, 2]   # (y, z) part of the local key
+    R2 = R + 2
+    PP = R2 * R2
+    lkey_all = (c[:, 1].astype(np.int64) + 1) * R2 + (c[:, 2] + 1)   # (y, z) part of the local key
     x = c[:, 0]
-    T = max(1, min(R, _TABLE_CELLS // PP - 1))
+    T = max(1, min(R, _TABLE_CELLS // PP - 2))
     plane_start = np.zeros(R + 1, np.int64)
     np.cumsum(np.bincount(x, minlength=R), out=plane_start[1:])
-    table = np.full((T + 1) * PP, -1, np.int32)
+    table = np.full((T + 2) * PP, -1, np.int32)
     idt = np.int32 if n < (1 << 31) - 1 else np.int64
     quad_all = np.empty((M, 4), idt)
     axis_all = np.empty(M, np.int8)
-    deltas = QUAD_OFFSETS[:, :, 0] * PP + QUAD_OFFSETS[:, :, 1] * R1 + QUAD_OFFSETS[:, :, 2]
+    deltas = QUAD_OFFSETS[:, :, 0] * PP + QUAD_OFFSETS[:, :, 1] * R2 + QUAD_OFFSETS[:, :, 2]
     flagged = [np.flatnonzero(fl[:, a]) for a in range(3)]
     fstart = [np.searchsorted(f, plane_start) for f in flagged]
+    faces_even = True if check_faces else None
+    if check_faces:
+        fcol = [np.append(fl8[:, d], np.int8(0)) for d in range(3)]  # index -1 -> the 0 sentinel
     for x0 in range(0, R, T):
         x1 = min(R, x0 + T)
         P0, P1 = plane_start[x0], plane_start[x1]
         if P0 == P1:
             continue
+        Pm = plane_start[x0 - 1] if (check_faces and x0 > 0) else P0
         P2 = plane_start[x1 + 1] if x1 < R else P1
-        lk = (x[P0:P2] - x0).astype(np.int64) * PP + lkey_all[P0:P2]
-        table[lk] = np.arange(P0, P2, dtype=np.int32)
+        lk = (x[Pm:P2] - (x0 - 1)).astype(np.int64) * PP + lkey_all[Pm:P2]
+        table[lk] = np.arange(Pm, P2, dtype=np.int32)
+        off = P0 - Pm
         for a in range(3):
             pos = flagged[a][fstart[a][x0]:fstart[a][x1]]
             if pos.shape[0] == 0:
                 continue
-            base = lk[pos - P0]
+            base = lk[pos - Pm]
             pidx = pid[a][pos]
             quad_all[pidx, 0] = pos
             for o in range(1, 4):
                 quad_all[pidx, o] = table[base + deltas[a, o]]
             axis_all[pidx] = a
+        if check_faces and faces_even:
+            lko = lk[off:off + (P1 - P0)]
+            mx = table[lko - PP]
+            my = table[lko - R2]
+            mz = table[lko - 1]
+            fx, fy, fz = (fcol[d][P0:P1] for d in range(3))
+            odd = (fy + fz + fcol[1][mz] + fcol[2][my]) & 1
+            odd |= (fz + fx + fcol[2][mx] + fcol[0][mz]) & 1
+            odd |= (fx + fy + fcol[0][my] + fcol[1][mx]) & 1
+            if odd.any():
+                faces_even = False
         table[lk] = -1
-    valid = (quad_all >= 0).all(axis=1)
-    quads = quad_all[valid].astype(np.int64)
+    valid = (quad_all[:, 1] >= 0) & (quad_all[:, 2] >= 0) & (quad_all[:, 3] >= 0)
+    if valid.all():
+        quads = quad_all
+    else:
+        quads = quad_all[valid]
+        if faces_even:
+            faces_even = False
     if order is not None:
-        quads = order[quads]
-    return quads, axis_all[valid]
+        quads = order.astype(idt)[quads]
+    return quads, (axis_all if quads is quad_all else axis_all[valid]), faces_even
 
 
 def _crossl(a, b):
     return [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 
 
-def _split(quads: np.ndarray, verts: np.ndarray, sw: Optional[np.ndarray], rule: str) -> np.ndarray:
+def _split(quads: np.ndarray, verts: np.ndarray, sw: Optional[np.ndarray], rule: str,
+           chunk: int = 1 << 19) -> np.ndarray:
     """bool [L]: True -> split 1 (diagonal 0-2), False -> split 2 (diagonal 1-3)."""
+    L = quads.shape[0]
+    if L > chunk:
+        out = np.empty(L, bool)
+        vt = [np.ascontiguousarray(verts[:, d]) for d in range(3)]
+        for a in range(0, L, chunk):
+            out[a:a + chunk] = _split1(quads[a:a + chunk], vt, sw, rule)
+        return out
+    return _split1(quads, [np.ascontiguousarray(verts[:, d]) for d in range(3)], sw, rule)
+
+
+def _split1(quads: np.ndarray, vt: list, sw: Optional[np.ndarray], rule: str) -> np.ndarray:
     if quads.shape[0] == 0:
         return np.zeros(0, bool)
     if sw is not None:
         w0, w1, w2, w3 = (sw[quads[:, i]] for i in range(4))
         return (w0 * w2) > (w1 * w3)
-    vt = [np.ascontiguousarray(verts[:, d]) for d in range(3)]
     q0, q1, q2, q3 = (quads[:, i] for i in range(4))
     p0 = [vt[d][q0] for d in range(3)]
     e1 = [vt[d][q1] - p0[d] for d in range(3)]
@@ -177,20 +212,22 @@ def _stable_order(keys16):
 
 def _axis_lines(c: np.ndarray, fl: np.ndarray, lex: np.ndarray, a: int, R: int):
     """Flagged a-edges sorted by (line, position): (rows, sorted int64 keys, rank in line, line count)."""
-    rows = lex[fl[lex, a]]  # flagged rows in lexicographic (x, y, z) order
+    # flagged rows in lexicographic (x, y, z) order
+    rows = np.flatnonzero(fl[:, a]) if lex is None else lex[fl[lex, a]]
     if rows.shape[0] == 0:
         z = np.zeros(0, np.int64)
         return z, z, z, z
     dt = np.int16 if R <= 32767 else np.int64
+    cols = c.T if c.flags.f_contiguous else None
+    col = (lambda d: cols[d]) if cols is not None else (lambda d: c[:, d])
     if a == 1:  # lines (z, x), position y: stable sort by z
-        rows = rows[_stable_order(c[rows, 2].astype(dt))]
+        rows = rows[_stable_order(col(2)[rows].astype(dt))]
     elif a == 0:  # lines (y, z), position x: stable sort by z, then by y
-        rows = rows[_stable_order(c[rows, 2].astype(dt))]
-        rows = rows[_stable_order(c[rows, 1].astype(dt))]
+        rows = rows[_stable_order(col(2)[rows].astype(dt))]
+        rows = rows[_stable_order(col(1)[rows].astype(dt))]
     b, cc = (a + 1) % 3, (a + 2) % 3
-    own = c[rows]
-    line = own[:, b] * R + own[:, cc]
-    key = line * R + own[:, a]
+    line = col(b)[rows].astype(np.int64) * R + col(cc)[rows]
+    key = line * R + col(a)[rows]
     first = np.empty(rows.shape[0], bool)
     first[0] = True
     np.not_equal(line[1:], line[:-1], out=first[1:])
@@ -230,6 +267,7 @@ def _orientation_flip(c: np.ndarray, fl: np.ndarray, q_rows: np.ndarray, q_axes:
     n = c.shape[0]
     flip = np.zeros(q_rows.shape[0], bool)
     lines = [_axis_lines(c, fl, lex, a, R) for a in range(3)]
+    all_even = all(bool(((ln[3] & 1) == 0).all()) for ln in lines)
     for a in range(3):
         sel = np.flatnonzero(q_axes == a)
         if sel.shape[0] == 0:
@@ -260,7 +298,134 @@ def _orientation_flip(c: np.ndarray, fl: np.ndarray, q_rows: np.ndarray, q_axes:
             # inside at c0 and outside at c1 -> the surface faces +a -> flip the official (-a) winding
             flip[sel[odd[use]]] = l0[use]
             decided |= use
-    return flip
+    return flip, all_even
+
+
+def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected-component labels of an undirected graph (any labelling: equal label <=> same component).
+
+    Uses ``scipy.sparse.csgraph`` when it is importable (the backend) and a numpy union-find
+    (hooking + pointer jumping) otherwise (e.g. inside Blender); both give the same partition.
+    """
+    try:
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+    except ImportError:
+        return _components_numpy(n, i, j)
+    g = coo_matrix((np.ones(i.shape[0], np.int8), (i, j)), shape=(n, n)).tocsr()
+    return connected_components(g, directed=False)[1].astype(np.int64)
+
+
+def _components_numpy(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected-component labels (smallest member index) with a numpy union-find."""
+    parent = np.arange(n)
+    while i.shape[0]:
+        pi = parent[i]
+        pj = parent[j]
+        ne = pi != pj
+        if not ne.any():
+            break
+        i, j, pi, pj = i[ne], j[ne], pi[ne], pj[ne]
+        np.minimum.at(parent, np.maximum(pi, pj), np.minimum(pi, pj))
+        while True:
+            pp = parent[parent]
+            if np.array_equal(pp, parent):
+                break
+            parent = pp
+    return parent
+
+
+def _edge_tables():
+    """Per quad axis and quad edge k = (q_k, q_k+1): the axis along which the two voxels differ and
+    which end (0: q_k, 1: q_k+1) is the lower voxel."""
+    d = np.zeros((3, 4), np.int64)
+    low = np.zeros((3, 4), np.int64)
+    for a in range(3):
+        for k in range(4):
+            o0, o1 = QUAD_OFFSETS[a, k], QUAD_OFFSETS[a, (k + 1) % 4]
+            diff = o1 - o0
+            d[a, k] = int(np.flatnonzero(diff)[0])
+            low[a, k] = 0 if diff[d[a, k]] > 0 else 1
+    return d, low
+
+
+_EDGE_AXIS, _EDGE_LOW = _edge_tables()
+
+
+def _make_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_axes: np.ndarray = None) -> np.ndarray:
+    """Make quad windings agree across manifold dual edges (2 quads), flipping whole patches.
+
+    A dual edge joins two axis-neighbour voxels, so it is keyed densely by (lower voxel row, axis);
+    pairing uses scatter/gather on that key space (no sort). Patches = components of quads joined by
+    agreeing manifold edges; disagreeing edges between patches define a small graph that is
+    2-coloured breadth first; in each of its components the patch with the most quads keeps its
+    current (parity-based) side.
+    """
+    L = quads.shape[0]
+    ax = q_axes.astype(np.int64)
+    kdt = np.int32 if 3 * n_vert < (1 << 31) else np.int64
+    keys = np.empty((L, 4), kdt)
+    for k in range(4):
+        low = np.where(_EDGE_LOW[ax, k] == 0, quads[:, k], quads[:, (k + 1) % 4]).astype(kdt)
+        keys[:, k] = low * 3 + _EDGE_AXIS[ax, k].astype(kdt)
+    keys = keys.reshape(-1)
+    # direction of each quad edge relative to its key: forward when it goes from the lower voxel
+    fwd = ((_EDGE_LOW[ax] == 0) ^ flip[:, None]).reshape(-1)
+    # pair the (usually two) quad edges of every dual edge with two scatter passes (no sort)
+    m = keys.shape[0]
+    ar = np.arange(m, dtype=np.int32 if m < (1 << 31) else np.int64)
+    slot_a = np.full(3 * n_vert, -1, ar.dtype)
+    slot_a[keys] = ar
+    lose = np.flatnonzero(slot_a[keys] != ar)
+    if lose.shape[0] == 0:
+        return flip
+    slot_b = np.full(3 * n_vert, -1, ar.dtype)
+    kl = keys[lose]
+    slot_b[kl] = lose
+    rest = lose[slot_b[kl] != lose]      # third and later users: non-manifold dual edges
+    if rest.shape[0]:
+        slot_a[keys[rest]] = -1
+    second = lose[slot_b[kl] == lose]
+    ka = slot_a[keys[second]]
+    okp = ka >= 0
+    e1 = ka[okp].astype(np.int64)
+    e2 = second[okp].astype(np.int64)
+    qi = e1 // 4
+    qj = e2 // 4
+    rel = fwd[e1] == fwd[e2]  # traversed in the same direction -> inconsistent
+    if not rel.any():
+        return flip
+    lab = _components(L, qi[~rel], qj[~rel])
+    pi, pj = lab[qi[rel]], lab[qj[rel]]
+    keep = pi != pj
+    pi, pj = pi[keep], pj[keep]
+    if pi.shape[0] == 0:
+        return flip
+    patches, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
+    npch = patches.shape[0]
+    size = np.bincount(lab, minlength=L)[patches]
+    ea, eb = inv[:pi.shape[0]], inv[pi.shape[0]:]
+    adj = [[] for _ in range(npch)]
+    for x, y in zip(ea.tolist(), eb.tolist()):
+        adj[x].append(y)
+        adj[y].append(x)
+    color = np.full(npch, -1, np.int8)
+    for start in np.argsort(-size, kind="stable").tolist():
+        if color[start] >= 0:
+            continue
+        color[start] = 0
+        queue = [start]
+        while queue:
+            nxt = []
+            for x in queue:
+                for y in adj[x]:
+                    if color[y] < 0:
+                        color[y] = 1 - color[x]
+                        nxt.append(y)
+            queue = nxt
+    flip_patch = np.zeros(L, bool)
+    flip_patch[patches[color == 1]] = True
+    return flip ^ flip_patch[lab]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,23 +469,30 @@ def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
         raise OVoxelError(f"nosplit_rule must be 'normal' or 'official', got {nosplit_rule!r}")
     c, dv, fl, sw = _check_inputs(coords, dual_vertices, intersected, split_weight, R)
     s = ((box[1] - box[0]) / R).astype(np.float32)
-    verts = (c.astype(np.float32) + dv) * s + box[0].astype(np.float32)
+    verts = c.astype(np.float32)
+    verts += dv
+    verts *= s
+    verts += box[0].astype(np.float32)
     order = lex_permutation(c, R)
-    quads, q_axes = _quads(c, fl, R, order)
+    c = np.asfortranarray(c)  # column access below
+    quads, q_axes, faces_even = _quads(c, fl, R, order, check_faces=orient)
     split1 = _split(quads, verts, sw, nosplit_rule)
     L = quads.shape[0]
     flip = None
     if orient and L:
-        lex = order if order is not None else np.arange(c.shape[0])
-        flip = _orientation_flip(c, fl, quads[:, 0], q_axes, R, lex)
+        lex = order
+        flip, all_even = _orientation_flip(c, fl, quads[:, 0], q_axes, R, lex)
+        # When every primal face has an even number of flagged edges (and no quad was dropped) the flags
+        # bound a closed surface and the ray parity is globally consistent. Otherwise (open surfaces,
+        # double-crossing artefacts, intersecting parts) make the windings agree across manifold edges.
+        if not faces_even:
+            flip = _make_consistent(quads, flip, c.shape[0], q_axes)
     if remove_unused:
         used = np.zeros(verts.shape[0], bool)
         used[quads.reshape(-1)] = True
         remap = (np.cumsum(used) - 1).astype(np.int32)
         verts = verts[used]
         quads = remap[quads]
-    else:
-        quads = quads.astype(np.int32)
     q0, q1, q2, q3 = (quads[:, i] for i in range(4))
     tri = np.empty((L, 6), np.int32)
     tri[:, 0] = q0

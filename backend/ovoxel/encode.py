@@ -28,7 +28,7 @@ boundary walks are clipped to the grid.
 
 from __future__ import annotations
 
-import math
+import threading
 from typing import Any, Optional
 
 import numpy as np
@@ -73,9 +73,17 @@ def normalize_vertices(vertices: np.ndarray, aabb: Any = DEFAULT_AABB, margin: f
 def _weld(v: np.ndarray, f: np.ndarray):
     """Weld vertices with bit-identical positions; returns (unique vertices, remapped faces)."""
     vv = v + 0.0  # -0.0 -> 0.0
-    key = np.ascontiguousarray(vv).view(np.dtype((np.void, 24))).reshape(-1)
-    _, first, inv = np.unique(key, return_index=True, return_inverse=True)
-    return vv[first], inv.reshape(-1)[f]
+    order = np.lexsort((vv[:, 2], vv[:, 1], vv[:, 0]))
+    sv = vv[order]
+    new = np.empty(sv.shape[0], bool)
+    new[0] = True
+    np.any(sv[1:] != sv[:-1], axis=1, out=new[1:])
+    if new.all():
+        return vv, f
+    gid = np.cumsum(new) - 1
+    inv = np.empty(sv.shape[0], np.int64)
+    inv[order] = gid
+    return sv[new], inv[f]
 
 
 def prepare_mesh(vertices: np.ndarray, faces: np.ndarray, *, weld: bool = True):
@@ -288,7 +296,7 @@ def _axis_crossings(T0, T1, T2, a: int, R: int, x0: int, x1: int):
 # ----------------------------------------------------------------------------------------------
 # DDA along segments
 # ----------------------------------------------------------------------------------------------
-def _dda_visits(p0: np.ndarray, p1: np.ndarray, R: int):
+def _dda_visits(p0: np.ndarray, p1: np.ndarray, R: int, start_mask: Optional[np.ndarray] = None):
     """Voxels (inside the grid) visited by segments p0 -> p1 (P-space), clipped to the grid.
 
     Returns (segment index [n], vx, vy, vz int64 [n]). A voxel is listed when the segment starts in it
@@ -299,6 +307,8 @@ def _dda_visits(p0: np.ndarray, p1: np.ndarray, R: int):
     segs = []
     vs = [[], [], []]
     start_ok = ((f0 >= 0) & (f0 < R)).all(axis=1)
+    if start_mask is not None:
+        start_ok &= start_mask
     idx = np.flatnonzero(start_ok)
     segs.append(idx)
     for d in range(3):
@@ -333,26 +343,50 @@ def _dda_visits(p0: np.ndarray, p1: np.ndarray, R: int):
     return np.concatenate(segs), np.concatenate(vs[0]), np.concatenate(vs[1]), np.concatenate(vs[2])
 
 
-def _dda_slab(p0: np.ndarray, p1: np.ndarray, R: int, x0: int, x1: int):
-    """:func:`_dda_visits` restricted to voxels with x in ``[x0, x1)`` (segments clipped to the slab)."""
-    dx = p1[:, 0] - p0[:, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ta = (x0 - p0[:, 0]) / dx
-        tb = (x1 - p0[:, 0]) / dx
-    inside0 = (p0[:, 0] >= x0) & (p0[:, 0] < x1)
-    tmin = np.where(dx != 0, np.maximum(np.minimum(ta, tb), 0.0), np.where(inside0, 0.0, 2.0))
-    tmax = np.where(dx != 0, np.minimum(np.maximum(ta, tb), 1.0), np.where(inside0, 1.0, -1.0))
-    ok = tmin <= tmax
-    idx = np.flatnonzero(ok)
-    if idx.shape[0] == 0:
+def _dda_slab(p0: np.ndarray, p1: np.ndarray, R: int, x0: int, x1: int, starts: bool = True):
+    """:func:`_dda_visits` restricted to voxels with x in ``[x0, x1)`` (segments clipped to the slab).
+
+    ``starts=False`` leaves out the voxel of p0 itself (the voxel where a clipped segment enters the
+    slab is always kept)."""
+    lo_x = np.minimum(p0[:, 0], p1[:, 0])
+    hi_x = np.maximum(p0[:, 0], p1[:, 0])
+    inside = (lo_x >= x0) & (hi_x < x1)
+    segs, vxs, vys, vzs = [], [], [], []
+    ii = np.flatnonzero(inside)
+    if ii.shape[0]:
+        sg, vx, vy, vz = _dda_visits(p0[ii], p1[ii], R, None if starts else np.zeros(ii.shape[0], bool))
+        segs.append(ii[sg])
+        vxs.append(vx)
+        vys.append(vy)
+        vzs.append(vz)
+    oi = np.flatnonzero(~inside & (hi_x >= x0) & (lo_x < x1))
+    if oi.shape[0]:
+        a, b = p0[oi], p1[oi]
+        dx = b[:, 0] - a[:, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ta = (x0 - a[:, 0]) / dx
+            tb = (x1 - a[:, 0]) / dx
+        in0 = (a[:, 0] >= x0) & (a[:, 0] < x1)
+        tmin = np.where(dx != 0, np.maximum(np.minimum(ta, tb), 0.0), np.where(in0, 0.0, 2.0))
+        tmax = np.where(dx != 0, np.minimum(np.maximum(ta, tb), 1.0), np.where(in0, 1.0, -1.0))
+        ok = np.flatnonzero(tmin <= tmax)
+        if ok.shape[0]:
+            d = b[ok] - a[ok]
+            q0 = a[ok] + tmin[ok, None] * d
+            q1 = a[ok] + tmax[ok, None] * d
+            sg, vx, vy, vz = _dda_visits(q0, q1, R, None if starts else tmin[ok] > 0)
+            segs.append(oi[ok[sg]])
+            vxs.append(vx)
+            vys.append(vy)
+            vzs.append(vz)
+    if not segs:
         z = np.zeros(0, np.int64)
         return z, z, z, z
-    d = p1[idx] - p0[idx]
-    q0 = p0[idx] + tmin[idx, None] * d
-    q1 = p0[idx] + tmax[idx, None] * d
-    sg, vx, vy, vz = _dda_visits(q0, q1, R)
+    vx, vy, vz, sg = np.concatenate(vxs), np.concatenate(vys), np.concatenate(vzs), np.concatenate(segs)
     keep = (vx >= x0) & (vx < x1)
-    return idx[sg[keep]], vx[keep], vy[keep], vz[keep]
+    if keep.all():
+        return sg, vx, vy, vz
+    return sg[keep], vx[keep], vy[keep], vz[keep]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,15 +508,21 @@ def _box_constrained(Q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarra
 # ----------------------------------------------------------------------------------------------
 # main encoder
 # ----------------------------------------------------------------------------------------------
+def _cross_rows(e1: np.ndarray, e2: np.ndarray) -> np.ndarray:
+    out = np.empty_like(e1)
+    out[:, 0] = e1[:, 1] * e2[:, 2] - e1[:, 2] * e2[:, 1]
+    out[:, 1] = e1[:, 2] * e2[:, 0] - e1[:, 0] * e2[:, 2]
+    out[:, 2] = e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0]
+    return out
+
+
 def _estimate_crossings(P: np.ndarray, f: np.ndarray) -> float:
     """Expected number of edge crossings = projected area summed over the three axes (voxel units)."""
     if f.shape[0] == 0:
         return 0.0
-    a, b, c = P[f[:, 0]], P[f[:, 1]], P[f[:, 2]]
-    e1 = b - a
-    e2 = c - a
-    cr = np.abs(e1[:, [1, 2, 0]] * e2[:, [2, 0, 1]] - e1[:, [2, 0, 1]] * e2[:, [1, 2, 0]])
-    return float(cr.sum()) / 2.0
+    a = P[f[:, 0]]
+    cr = _cross_rows(P[f[:, 1]] - a, P[f[:, 2]] - a)
+    return float(np.abs(cr).sum()) / 2.0
 
 
 def _bucket(ids: np.ndarray, nb: int):
@@ -564,7 +604,9 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         return empty()
     P = (v - box[0]) / s
     tol = 1e-6 * R
-    n_out = int(((P < -tol) | (P > R + tol)).any(axis=1).sum())
+    n_out = 0
+    if P.min() < -tol or P.max() > R + tol:
+        n_out = int(((P < -tol) | (P > R + tol)).any(axis=1).sum())
     stats["vertices_outside_aabb"] = n_out
     if n_out and outside == "error":
         raise OVoxelError(
@@ -595,12 +637,15 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     F = f.shape[0]
     T0, T1, T2 = P[f[:, 0]], P[f[:, 1]], P[f[:, 2]]
     # official plane: n = normalize((v1 - v0) x (v2 - v1)), d = -n.v0 (its sign is irrelevant)
-    U0 = U[f[:, 0]]
-    d1 = U[f[:, 1]] - U0
-    d2 = U[f[:, 2]] - U[f[:, 1]]
-    nrm = d1[:, [1, 2, 0]] * d2[:, [2, 0, 1]] - d1[:, [2, 0, 1]] * d2[:, [1, 2, 0]]
+    if iso:
+        U0, d1, d2 = T0, T1 - T0, T2 - T1
+    else:
+        U0 = T0 * kscale
+        d1 = (T1 - T0) * kscale
+        d2 = (T2 - T1) * kscale
+    nrm = _cross_rows(d1, d2)
     ln = np.sqrt((nrm * nrm).sum(1))
-    nrm = nrm / np.where(ln > 0, ln, 1.0)[:, None]
+    nrm /= np.where(ln > 0, ln, 1.0)[:, None]
     qT = np.ascontiguousarray(_plane_quadrics(nrm, -(nrm * U0).sum(1)).T)  # [10, F]
     use_face = face_weight > 0
     lam_b = float(boundary_weight)
@@ -660,6 +705,7 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     R1 = R + 1
     PP = R1 * R1
     table = np.full((T + 2) * PP, -1, np.int32)
+    VF = np.floor(P).astype(np.int64)  # voxel of every vertex (face term)
     deltas = np.zeros((3, 4), np.int64)
     offx = np.zeros((3, 4), np.int64)
     for a in range(3):
@@ -770,17 +816,35 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         e_v = inc_v
         e_pk = inc_pk
         if use_face:
-            # face term beyond the crossings: voxels that a triangle edge passes through
-            eg, fx, fy, fz = _dda_slab(np.concatenate([A0, A1, A2]), np.concatenate([A1, A2, A0]), R, x0, x1)
-            if eg.shape[0]:
-                fv = table[(fx - (x0 - 1)) * PP + fy * R1 + fz]
-                act = np.flatnonzero(fv >= 0)
-                if act.shape[0]:
-                    ftl = eg[act] % ntl
-                    fpk = pbase[ftl] + fx[act] * pdydz[ftl] + fy[act] * pdz[ftl] + fz[act]
-                    e_tl = np.concatenate([e_tl, ftl])
-                    e_v = np.concatenate([e_v, fv[act].astype(np.int64)])
-                    e_pk = np.concatenate([e_pk, fpk])
+            # face term beyond the crossings: voxels containing a triangle vertex or entered by an edge
+            fk_tl, fk_x, fk_y, fk_z = [], [], [], []
+            for kv in range(3):
+                vv = VF[f[sel, kv]]
+                m_ = (vv[:, 0] >= x0) & (vv[:, 0] < x1)
+                idx_ = np.flatnonzero(m_)
+                fk_tl.append(idx_)
+                fk_x.append(vv[idx_, 0])
+                fk_y.append(vv[idx_, 1])
+                fk_z.append(vv[idx_, 2])
+            ea = np.concatenate([A0, A1, A2])
+            eb = np.concatenate([A1, A2, A0])
+            cross_any = np.flatnonzero((np.floor(ea) != np.floor(eb)).any(axis=1))
+            if cross_any.shape[0]:
+                eg, fx, fy, fz = _dda_slab(ea[cross_any], eb[cross_any], R, x0, x1, starts=False)
+                fk_tl.append(cross_any[eg] % ntl)
+                fk_x.append(fx)
+                fk_y.append(fy)
+                fk_z.append(fz)
+            ftl = np.concatenate(fk_tl)
+            fx, fy, fz = np.concatenate(fk_x), np.concatenate(fk_y), np.concatenate(fk_z)
+            fv = table[(fx - (x0 - 1)) * PP + fy * R1 + fz]
+            act = np.flatnonzero(fv >= 0)
+            if act.shape[0]:
+                ftl = ftl[act]
+                fpk = pbase[ftl] + fx[act] * pdydz[ftl] + fy[act] * pdz[ftl] + fz[act]
+                e_tl = np.concatenate([e_tl, ftl])
+                e_v = np.concatenate([e_v, fv[act].astype(np.int64)])
+                e_pk = np.concatenate([e_pk, fpk])
             tick("face_dda")
         pair_tri, pair_v, pair_w = _dedup_pairs(e_tl, e_v, e_pk, ninc, pbig if any_big else None,
                                                 int(psize.sum()), use_face)
@@ -838,15 +902,15 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
                   meta={"encode_stats": stats})
 
 
-_SCRATCH: dict = {}
+_SCRATCH = threading.local()
 
 
 def _scratch_int32(n: int) -> np.ndarray:
-    """A reusable int32 scratch buffer of at least ``n`` entries (contents undefined)."""
-    buf = _SCRATCH.get("i32")
+    """A reusable per-thread int32 scratch buffer of at least ``n`` entries (contents undefined)."""
+    buf = getattr(_SCRATCH, "i32", None)
     if buf is None or buf.shape[0] < n:
         buf = np.empty(max(n, 1 << 16, int(1.25 * n)), np.int32)
-        _SCRATCH["i32"] = buf
+        _SCRATCH.i32 = buf
     return buf
 
 

@@ -5,7 +5,6 @@ numpy + stdlib only (zlib/lzma), so Blender can read them.
 
 from __future__ import annotations
 
-import io as _io
 import json
 import os
 import zipfile
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._types import ATTR_LAYOUT, FORMAT_VERSION, OVoxel, OVoxelError, as_aabb, check_resolution, pack_flags, \
+from ._types import FORMAT_VERSION, OVoxel, OVoxelError, as_aabb, check_resolution, pack_flags, \
     quantize_dual_vertices, unpack_flags
 
 MAGIC = "trellis2.ovoxel"

@@ -14,24 +14,33 @@ Algorithm (default, CPU and GPU):
 2. :func:`submanifold_conv3d` then runs one of two algorithms (``algorithm=`` or the environment
    variable ``TRELLIS2_SPARSE_CONV_ALGO``; both chunked to :data:`CHUNK_BYTES` of temporaries):
 
-   * ``"gather"``: im2col — gather ``[M, 27·C_in]`` rows (a zero row stands in for
-     missing neighbours) and do one ``addmm`` per chunk with ``W.reshape(C_out, 27·C_in)``;
+   * ``"gather"``: im2col — gather ``[M, 27·C_in]`` rows into a reused chunk buffer (missing
+     neighbours zeroed there, no padded copy of the features) and do one ``addmm`` per chunk with
+     ``W.reshape(C_out, 27·C_in)``;
    * ``"pairs"``: per tap, gather only the voxels that *have* that neighbour, multiply by the tap's
-     ``[C_in, C_out]`` slice and ``index_add`` into the output. It skips the missing neighbours
-     (~10 of 27 on surface-like structures), so it does ~35 % fewer FLOPs and is ~2× faster on one
-     CPU thread; but its scatter scales poorly with threads on an oversubscribed CPU (see
-     ``BENCHMARKS.md``);
+     ``[C_in, C_out]`` slice and scatter-add into the output. It skips the missing neighbours
+     (~10 of 27 on surface-like structures), so it does ~35 % fewer FLOPs; faster than ``gather``
+     on one CPU thread, slower with several threads on a busy CPU (see ``BENCHMARKS.md``);
    * ``"auto"`` (default) picks between them (see :func:`_auto_algorithm`).
 
-An optional spconv path (``SPARSE_CONV_BACKEND=spconv``, CUDA only, **untested here: spconv is not
-installed in this environment**) is used only if ``spconv.pytorch`` imports.
+On CUDA tensors :class:`SparseConv3d` hands the conv (over the same cached neighbour map) to the
+project's ``kernels`` package (a Triton kernel, falling back to :func:`submanifold_conv3d` as its
+reference) when it imports — untested here, no GPU.
+
+An optional spconv path (``SPARSE_CONV_BACKEND=spconv``, CUDA tensors only, and only if
+``spconv.pytorch`` imports) hands the conv to spconv's ``SubMConv3d``, whose KRSC weight layout and
+tap orientation equal ours. **Untested: no GPU and no spconv in this project's environment.** (The
+CPU spconv package was only used side by side in ``benchmarks/sparse_conv.py``; on the shell
+inputs it agrees with this module to 1e-6, but on random-density grids it is wrong even with one
+thread, so it is no oracle.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -56,17 +65,42 @@ __all__ = [
 CHUNK_BYTES: int = int(float(os.environ.get("TRELLIS2_CONV_CHUNK_MB", "32")) * 2**20)
 
 #: Default algorithm: ``"auto"``, ``"gather"`` (im2col) or ``"pairs"`` (per-tap gather/GEMM/scatter).
-#: ``auto`` = ``gather`` on GPU; on CPU ``pairs`` for wide convs (C_in·C_out ≥ 128²) or one thread,
-#: else ``gather`` (measured in BENCHMARKS.md "Sparse convolution").
+#: ``auto`` = ``gather`` on GPU and multi-threaded CPU, ``pairs`` on one CPU thread (BENCHMARKS.md).
 ALGORITHM: str = os.environ.get("TRELLIS2_SPARSE_CONV_ALGO", "auto")
 
 
+#: torch CPU threads used for the integer bookkeeping (neighbour map, pair lists). These ops are
+#: memory-bound and cheap on one thread, but on a CPU shared with other jobs every OpenMP region
+#: pays for a descheduled worker (measured 10-40x slower per op with 2 threads at load >= 2).
+#: ``0`` leaves torch's thread count alone. Env: ``TRELLIS2_SPARSE_INDEX_THREADS``.
+INDEX_THREADS: int = int(os.environ.get("TRELLIS2_SPARSE_INDEX_THREADS", "1"))
+
+
+@contextlib.contextmanager
+def _index_threads(device: torch.device) -> Iterator[None]:
+    """Run the enclosed CPU bookkeeping with :data:`INDEX_THREADS` torch threads, then restore."""
+    prev = torch.get_num_threads()
+    if device.type != "cpu" or INDEX_THREADS <= 0 or INDEX_THREADS >= prev:
+        yield
+        return
+    torch.set_num_threads(INDEX_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _auto_algorithm(feats: torch.Tensor, cin: int, cout: int) -> str:
+    """``gather`` on GPU; on CPU ``pairs`` with one torch thread, else ``gather``.
+
+    Measured (BENCHMARKS.md): on one thread pairs is 1.4-1.9x faster than gather and on par with
+    spconv; with 2 threads on a shared CPU the many mid-size ops of pairs lose to gather's few big
+    GEMMs at 1M voxels (4.1 s vs 10.1 s at 64 ch, 68 s vs 117 s at 256 ch).
+    """
     if feats.device.type != "cpu":
         return "gather"
-    if cin * cout >= 128 * 128 or torch.get_num_threads() == 1:
-        return "pairs"
-    return "gather"
+    return "pairs" if torch.get_num_threads() == 1 else "gather"
+
 
 _NBR_KEY = "submconv3_nbr"
 _PAIRS_KEY = "submconv3_pairs"
@@ -103,6 +137,13 @@ def build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
     device = coords.device
     if n == 0:
         return torch.empty(0, 27, dtype=torch.int32, device=device)
+    with _index_threads(device):
+        return _build_neighbor_map(coords)
+
+
+def _build_neighbor_map(coords: torch.Tensor) -> torch.Tensor:
+    n = coords.shape[0]
+    device = coords.device
     key, (X, Y, Z) = pack_coords(coords, pad=1)
     sorted_key, order = torch.sort(key)
     off = _OFFSETS.to(device)
@@ -187,17 +228,22 @@ def _needs_autograd(*ts: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def build_pair_lists(nbr: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For taps v < 13: ``(i, j)`` int64 with ``j = nbr[i, v]`` present.
+def build_pair_lists(nbr: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The 26 off-centre taps as ``(tap, dst, src)`` with ``src = nbr[dst, tap]`` present.
 
-    By symmetry the pairs of tap ``26 - v`` are ``(j, i)``, so 13 lists cover all 26 off-centre taps
-    (~70 bytes per voxel on surfaces).
+    ``dst`` is ascending in every list (so a block of output rows is one contiguous slice of each
+    list). Only taps v < 13 are read from ``nbr``; tap ``26 - v`` is the same pairs swapped
+    (submanifold symmetry), re-sorted by its own ``dst``. ~140 bytes per voxel on surfaces.
     """
-    out = []
-    for v in range(13):
-        col = nbr[:, v]
-        i = torch.nonzero(col >= 0).squeeze(1)
-        out.append((i, col.index_select(0, i).long()))
+    out: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    with _index_threads(nbr.device):
+        for v in range(13):
+            col = nbr[:, v]
+            i = torch.nonzero(col >= 0).squeeze(1)
+            j = col.index_select(0, i).long()
+            out.append((v, i, j))
+            j_sorted, order = torch.sort(j)
+            out.append((26 - v, j_sorted, i.index_select(0, order)))
     return out
 
 
@@ -212,13 +258,13 @@ def _needs_autograd(*ts: torch.Tensor | None) -> bool:
 
 def submanifold_conv3d_pairs(
     feats: torch.Tensor, nbr: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    pairs: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Per-tap gather → GEMM → ``index_add`` over the existing neighbour pairs only.
+    """Per tap: gather the voxels that have that neighbour → GEMM with the tap's slice → scatter-add.
 
-    ``pairs`` (from :func:`build_pair_lists`) is derived from ``nbr`` when not given. Without
-    autograd the gathered rows and the GEMM result go to two reused buffers (``out=``), which
-    avoids ~50 large allocations (and their page faults) per conv.
+    Chunks of at most :data:`CHUNK_BYTES` of temporaries. ``pairs`` (from :func:`build_pair_lists`)
+    is derived from ``nbr`` when not given. Without autograd the gathered rows and the GEMM result
+    go to two reused buffers (no per-tap allocations / page faults).
     """
     n, cin = feats.shape
     cout = weight.shape[0]
@@ -233,21 +279,19 @@ def submanifold_conv3d_pairs(
     if bias is not None:
         out += bias.to(feats.dtype)
     step = max(1, CHUNK_BYTES // max(1, (cin + cout) * feats.element_size()))
-    m = min(n, step)
-    gbuf = None if grad else feats.new_empty(m, cin)
-    ybuf = None if grad else feats.new_empty(m, cout)
-    for v, (pi, pj) in enumerate(pairs):
-        # tap v: out[i] += W_v feats[j];  mirrored tap 26 - v: out[j] += W_{26-v} feats[i]
-        for tap, dst, src in ((v, pi, pj), (26 - v, pj, pi)):
-            wt = w[:, tap].t()
-            for s in range(0, dst.shape[0], step):
-                r, j = dst[s:s + step], src[s:s + step]
-                if grad:
-                    out.index_add_(0, r, feats.index_select(0, j) @ wt)
-                else:
-                    k = r.shape[0]
-                    g = torch.index_select(feats, 0, j, out=gbuf[:k])
-                    out.index_add_(0, r, torch.mm(g, wt, out=ybuf[:k]))
+    gbuf = None if grad else feats.new_empty(min(step, n), cin)
+    ybuf = None if grad else feats.new_empty(min(step, n), cout)
+    for tap, dst, src in pairs:
+        wt = w[:, tap].t()
+        for s in range(0, dst.shape[0], step):
+            r, j = dst[s:s + step], src[s:s + step]
+            ridx = r.unsqueeze(1).expand(-1, cout)  # broadcast index: scatter_add_ is 2-14x faster
+            if grad:                                # than index_add_ on a busy multi-thread CPU
+                out = out.scatter_add(0, ridx, feats.index_select(0, j) @ wt)
+            else:
+                k = r.shape[0]
+                g = torch.index_select(feats, 0, j, out=gbuf[:k])
+                out.scatter_add_(0, ridx, torch.mm(g, wt, out=ybuf[:k]))
     return out
 
 
@@ -317,6 +361,18 @@ def _spconv_forward(conv: "SparseConv3d", x: SparseTensor) -> torch.Tensor:  # p
     return y.features
 
 
+def _gpu_kernels(x: SparseTensor) -> Any:
+    """The project's ``kernels`` package (Triton conv over our neighbour map, with this module's
+    gather conv as its reference) for CUDA tensors, else None. **Untested here (no GPU).**"""
+    if x.device.type != "cuda":
+        return None
+    try:
+        import kernels  # top-level sibling of ``backend`` in the repo and the staged extension
+    except ImportError:
+        return None
+    return kernels if hasattr(kernels, "submanifold_conv3d") else None
+
+
 class SparseConv3d(nn.Module):
     """Submanifold 3×3×3 conv on a :class:`SparseTensor`; parameters ``weight [C_out,3,3,3,C_in]``, ``bias``.
 
@@ -347,6 +403,9 @@ class SparseConv3d(nn.Module):
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.device.type == "cuda" and _spconv_module() is not None:  # pragma: no cover
             return x.replace(_spconv_forward(self, x))
+        kern = _gpu_kernels(x)
+        if kern is not None:  # pragma: no cover - CUDA only
+            return x.replace(kern.submanifold_conv3d(x.feats, get_neighbor_map(x), self.weight, self.bias))
         algo = ALGORITHM if ALGORITHM != "auto" else _auto_algorithm(x.feats, self.in_channels, self.out_channels)
         if algo == "pairs":
             out = submanifold_conv3d_pairs(x.feats, None, self.weight, self.bias, get_pair_lists(x))
@@ -369,13 +428,14 @@ class SparseConv3d(nn.Module):
         feats = x.feats
         w = self.weight.to(feats.dtype).reshape(8, c, 27 * cin)
         b = self.bias.to(feats.dtype).reshape(8, c) if self.bias is not None else None
+        kern = _gpu_kernels(x)
+        rows_fn = kern.submanifold_conv3d_rows if kern is not None else submanifold_conv3d_rows
         out = feats.new_empty(parent.shape[0], c)
         for k in range(8):
             sel = torch.nonzero(child == k).squeeze(1)
             if sel.numel() == 0:
                 continue
-            out[sel] = submanifold_conv3d_rows(feats, nbr, parent.index_select(0, sel), w[k],
-                                               b[k] if b is not None else None)
+            out[sel] = rows_fn(feats, nbr, parent.index_select(0, sel), w[k], b[k] if b is not None else None)
         return out
 
     def extra_repr(self) -> str:
