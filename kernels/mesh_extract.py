@@ -248,6 +248,13 @@ def extract_mesh(coords: torch.Tensor, dual_vertices: torch.Tensor, intersected:
     tri = torch.stack([t0, t1], dim=1)                                        # [Q, 2, 3]
     if orient and quads.shape[0]:
         flip = _orientation_flip(c, flags, q_rows, q_axes, R)
+        # Where the flag parity is not globally consistent (open sheets, intersecting parts) the codec
+        # makes windings agree across manifold edges: a graph pass, run by the codec itself on the host
+        # (one implementation; on closed surfaces it returns the parity flip unchanged).
+        from backend.ovoxel.decode import make_winding_consistent
+
+        flip_np = make_winding_consistent(quads.cpu().numpy(), flip.cpu().numpy(), n, q_axes.cpu().numpy())
+        flip = torch.as_tensor(flip_np, device=device)
         tri = torch.where(flip[:, None, None], tri[:, :, [0, 2, 1]], tri)
     faces = tri.reshape(-1, 3)
 

@@ -72,10 +72,7 @@ def test_matches_numpy_codec():
 
     for seed in (2, 3):
         coords, attrs, pts, R = _case(seed)
-        try:
-            expect = codec_sample(coords.numpy(), attrs.numpy(), R, np.asarray(AABB), pts.numpy())
-        except NotImplementedError:
-            pytest.skip("backend.ovoxel.sample_attributes not implemented yet")
+        expect = codec_sample(coords.numpy(), attrs.numpy(), R, np.asarray(AABB), pts.numpy())
         got = sample_attributes(coords, attrs, R, AABB, pts)
         np.testing.assert_allclose(got.numpy(), expect, rtol=1e-5, atol=1e-6)
 
@@ -128,9 +125,6 @@ def test_fp32_vs_codec_float64_at_resolution_1024():
     attrs = torch.rand(coords.shape[0], 6, generator=g)
     pick = torch.randint(0, coords.shape[0], (400,), generator=g)
     pts = (coords[pick].double() + torch.rand(400, 3, generator=g, dtype=torch.float64) * 1.6 - 0.3) / R - 0.5
-    try:
-        expect = codec_sample(coords.numpy(), attrs.numpy(), R, np.asarray(AABB), pts.numpy())
-    except NotImplementedError:
-        pytest.skip("backend.ovoxel.sample_attributes not implemented yet")
+    expect = codec_sample(coords.numpy(), attrs.numpy(), R, np.asarray(AABB), pts.numpy())
     got = sample_attributes(coords, attrs, R, AABB, pts.float())
     np.testing.assert_allclose(got.numpy(), expect, atol=5e-4)

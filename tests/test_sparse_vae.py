@@ -20,10 +20,6 @@ STEMS = ["shape_enc_next_dc_f16c32_fp16", "shape_dec_next_dc_f16c32_fp16", "tex_
 
 @pytest.mark.parametrize("name", VAE_CASES)
 def test_golden_case(golden_dir: Path, name: str) -> None:
-    if name == "shape_decoder":
-        from backend.golden.vae_cases import _ovoxel_ready
-        if not _ovoxel_ready():
-            pytest.skip("O-Voxel mesh extraction not importable yet")
     report = run_case(golden_dir, name)
     assert report.passed, report.errors
 

@@ -62,20 +62,6 @@ def tex_encoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return _encoder_outputs(gc, z, mean, logvar, hier)
 
 
-def _ovoxel_ready() -> bool:
-    """The mesh extraction comes from the O-Voxel codec; register the case only once it imports."""
-    try:
-        import numpy as np
-
-        from ..ovoxel import flexible_dual_grid_to_mesh
-
-        flexible_dual_grid_to_mesh(np.zeros((1, 3), np.int32), np.full((1, 3), 0.5, np.float32),
-                                   np.zeros((1, 3), bool), np.ones((1, 1), np.float32), grid_size=4)
-    except Exception:  # noqa: BLE001 - codec still being written / broken import / stub
-        return False
-    return True
-
-
 def shape_decoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """FlexiDualGridVaeDecoder: raw output, subdivision logits, FDG head and the extracted meshes."""
     from ..models.sc_vaes.fdg_vae import fdg_head
@@ -99,8 +85,7 @@ def shape_decoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return out
 
 
-if _ovoxel_ready():
-    case("shape_decoder")(shape_decoder)
+case("shape_decoder")(shape_decoder)
 
 
 @case("tex_decoder_guided")

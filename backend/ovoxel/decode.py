@@ -352,7 +352,7 @@ def _edge_tables():
 _EDGE_AXIS, _EDGE_LOW = _edge_tables()
 
 
-def _make_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_axes: np.ndarray = None) -> np.ndarray:
+def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_axes: np.ndarray = None) -> np.ndarray:
     """Make quad windings agree across manifold dual edges (2 quads), flipping whole patches.
 
     A dual edge joins two axis-neighbour voxels, so it is keyed densely by (lower voxel row, axis);
@@ -486,7 +486,7 @@ def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
         # bound a closed surface and the ray parity is globally consistent. Otherwise (open surfaces,
         # double-crossing artefacts, intersecting parts) make the windings agree across manifold edges.
         if not faces_even:
-            flip = _make_consistent(quads, flip, c.shape[0], q_axes)
+            flip = make_winding_consistent(quads, flip, c.shape[0], q_axes)
     if remove_unused:
         used = np.zeros(verts.shape[0], bool)
         used[quads.reshape(-1)] = True

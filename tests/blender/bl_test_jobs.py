@@ -253,16 +253,13 @@ def test_import_result_npz_and_history_reimport(addon, fake, tmp_path):
 
 
 def test_import_ovoxel_file_with_codec(addon, clean_scene, tmp_path):
-    ovoxel = pytest.importorskip("backend.ovoxel")
+    from backend import ovoxel
     from helpers import sphere_arrays
 
     v, f = sphere_arrays(24, 48)
-    try:  # the codec is written concurrently: skip (not fail) while its encoder/IO are incomplete
-        ov = ovoxel.encode_shape(v, f, 32)
-        path = tmp_path / "sphere.npz"
-        ovoxel.save(str(path), ov)
-    except (NotImplementedError, TypeError, ValueError) as exc:
-        pytest.skip(f"codec encode/save not available yet: {exc!r}")
+    ov = ovoxel.encode_shape(v, f, 32)
+    path = tmp_path / "sphere.npz"
+    ovoxel.save(str(path), ov)
     assert bpy.ops.trellis.import_ovoxel(filepath=str(path)) == {"FINISHED"}
     obj = bpy.context.active_object
     dv, df = ovoxel.decode_ovoxel(ovoxel.load(str(path)))
