@@ -8,7 +8,7 @@ import pytest
 
 from backend.errors import BadInput
 from backend.pipelines import load_pipeline
-from backend.pipelines.bake import fill_empty_texels, rasterize_uv
+from backend.ovoxel.uvbake import fill_empty_texels, rasterize_uv
 
 from _pipeline_helpers import object_rgba
 
@@ -97,6 +97,37 @@ def test_rasterize_and_fill():
     img[cov] = 1.0
     filled = fill_empty_texels(img, cov)
     assert (filled == 1.0).all()
+
+
+def test_fill_without_scipy_matches_nearest(monkeypatch):
+    """Inside Blender (no scipy) the dilation fill copies a nearest covered texel, bounded by margin."""
+    import builtins
+
+    from backend.ovoxel import uvbake
+
+    rng = np.random.default_rng(0)
+    cov = rng.random((24, 24)) < 0.05
+    img = rng.random((24, 24, 3)).astype(np.float32)
+    real_import = builtins.__import__
+
+    def no_scipy(name, *a, **k):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    out = uvbake.fill_empty_texels(img, cov)
+    ys, xs = np.nonzero(cov)
+    for y, x in [(0, 0), (23, 23), (11, 5)]:
+        d = np.maximum(abs(ys - y), abs(xs - x))            # chessboard distance to covered texels
+        near = np.flatnonzero(d == d.min())
+        assert any(np.array_equal(out[y, x], img[ys[i], xs[i]]) for i in near)
+    assert np.array_equal(out[cov], img[cov])
+    part = uvbake.fill_empty_texels(img, cov, margin=1)
+    gy, gx = np.mgrid[:24, :24]
+    dist = np.maximum(abs(gy[..., None] - ys), abs(gx[..., None] - xs)).min(-1)
+    assert np.array_equal(part[dist > 1], img[dist > 1])          # beyond the margin: untouched
+    assert np.array_equal(part[dist <= 1], out[dist <= 1])
 
 
 def test_cli_texture_writes_glb(tmp_path):

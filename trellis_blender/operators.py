@@ -261,14 +261,14 @@ def _needs_blender_bake(arrays: dict, material_mode: str) -> bool:
 def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir) -> None:
     """Give ``obj`` (a freshly imported result) a ``UVMap`` (Smart UV Project) and baked PBR textures
     sampled from the result's voxel attributes; its vertex-attribute material is replaced."""
-    from . import uv_bake
+    from .backend.ovoxel.uvbake import bake_attributes
 
     me = obj.data
     loop_uv, tri = mesh_import.smart_uv_corners(context, obj)
     uv = np.asarray(tri["uv"], dtype=np.float32).reshape(-1, 3, 2)
     coords = np.asarray(arrays["coords"])
     attrs = np.asarray(arrays["attrs"], dtype=np.float32)
-    base, mr, _coverage = uv_bake.bake(
+    base, mr, _coverage = bake_attributes(
         tri["vertices"], tri["faces"], uv, size,
         lambda pts: mesh_import.voxel_attrs_at(pts, coords, attrs, resolution))
     mesh_import.set_uv_map(me, "UVMap", loop_uv)

@@ -191,10 +191,10 @@ def test_import_1m_triangles_fast(addon, clean_scene, mi, artifacts_dir):
 
 
 def test_uv_bake_rasterize_and_orientation(addon):
-    ub = addon_module(addon, "uv_bake")
+    ub = addon_module(addon, "backend.ovoxel.uvbake")
     # two triangles covering the unit UV square
     uv = np.array([[[0, 0], [1, 0], [1, 1]], [[0, 0], [1, 1], [0, 1]]], np.float32)
-    face, bary = ub.rasterize(uv, 16)
+    face, bary = ub.rasterize_uv(uv, 16)
     assert (face >= 0).all()
     np.testing.assert_allclose(bary.sum(-1), 1.0, atol=1e-5)
     assert face[-1, -1] == 0 and face[0, 0] == 1        # bottom-right: tri 0; top-left (v=1): tri 1
@@ -210,7 +210,7 @@ def test_uv_bake_rasterize_and_orientation(addon):
         out[:, 3], out[:, 4], out[:, 5] = 0.25, 0.75, 1.0
         return out
 
-    base, mr, cov = ub.bake(verts, faces, uvq, 32, sample)
+    base, mr, cov = ub.bake_attributes(verts, faces, uvq, 32, sample)
     assert cov == 1.0 and base.shape == (32, 32, 4) and mr.shape == (32, 32, 3)
     assert base[0, -1, 0] > 240 and base[0, -1, 1] > 240     # top-right texel: u≈1, v≈1
     assert base[-1, 0, 0] < 15 and base[-1, 0, 1] < 15       # bottom-left texel: u≈0, v≈0
