@@ -217,7 +217,7 @@ def test_uv_bake_rasterize_and_orientation(addon):
     assert abs(int(mr[5, 5, 1]) - 191) <= 1 and abs(int(mr[5, 5, 2]) - 64) <= 1
     # partial coverage is padded, never left black
     small = uvq * 0.5
-    base, _, cov = ub.bake(verts, faces, small, 32, sample)
+    base, _, cov = ub.bake_attributes(verts, faces, small, 32, sample)
     assert 0.2 < cov < 0.3 and base[..., 3].min() == 255
 
 
