@@ -184,7 +184,32 @@ def _blocks_dtype(blocks: nn.Module, default: torch.dtype) -> torch.dtype:
     return default
 
 
-class SparseUnetVaeEncoder(nn.Module):
+class _SparseUnetStages(nn.Module):
+    """What the SC-VAE encoder and decoder share: the ``blocks`` stage list's device, compute dtype,
+    fp16/fp32 conversion and number of resampling levels."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype inside ``blocks`` (fp16 after :meth:`convert_to_fp16`)."""
+        return _blocks_dtype(self.blocks, torch.float32)
+
+    def convert_to_fp16(self) -> None:
+        _convert_linear_conv(self.blocks, torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        _convert_linear_conv(self.blocks, torch.float32)
+
+    @property
+    def num_levels(self) -> int:
+        """Number of space-to-channel / channel-to-space levels."""
+        return len(self.num_blocks) - 1
+
+
+class SparseUnetVaeEncoder(_SparseUnetStages):
     """SC-VAE encoder: ``input_layer`` → stages of ConvNeXt blocks + S2C down blocks → LN → ``to_latent``."""
 
     def __init__(self, in_channels: int, model_channels: Sequence[int], latent_channels: int,
@@ -207,25 +232,6 @@ class SparseUnetVaeEncoder(nn.Module):
             self.blocks.append(stage)
         if use_fp16:
             self.convert_to_fp16()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Compute dtype inside ``blocks`` (fp16 after :meth:`convert_to_fp16`)."""
-        return _blocks_dtype(self.blocks, torch.float32)
-
-    def convert_to_fp16(self) -> None:
-        _convert_linear_conv(self.blocks, torch.float16)
-
-    def convert_to_fp32(self) -> None:
-        _convert_linear_conv(self.blocks, torch.float32)
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.num_blocks) - 1
 
     def forward(self, x: SparseTensor, sample_posterior: bool = False, return_raw: bool = False,
                 return_hierarchy: bool = False, generator: torch.Generator | None = None) -> Any:
@@ -257,7 +263,7 @@ class SparseUnetVaeEncoder(nn.Module):
         return out[0] if len(out) == 1 else out
 
 
-class SparseUnetVaeDecoder(nn.Module):
+class SparseUnetVaeDecoder(_SparseUnetStages):
     """SC-VAE decoder: ``from_latent`` → stages of ConvNeXt blocks + C2S up blocks → LN → ``output_layer``."""
 
     def __init__(self, out_channels: int, model_channels: Sequence[int], latent_channels: int,
@@ -281,24 +287,6 @@ class SparseUnetVaeDecoder(nn.Module):
             self.blocks.append(stage)
         if use_fp16:
             self.convert_to_fp16()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _blocks_dtype(self.blocks, torch.float32)
-
-    def convert_to_fp16(self) -> None:
-        _convert_linear_conv(self.blocks, torch.float16)
-
-    def convert_to_fp32(self) -> None:
-        _convert_linear_conv(self.blocks, torch.float32)
-
-    @property
-    def num_levels(self) -> int:
-        return len(self.num_blocks) - 1
 
     def _run(self, x: SparseTensor, guide_subs: Sequence[SparseTensor | torch.Tensor] | None,
              hierarchy: SparseHierarchy | None, stop_at: int | None = None
