@@ -33,13 +33,13 @@ def _check_inputs(coords, dual_vertices, intersected, split_weight, resolution):
         fl = unpack_flags(fl)
     if fl.shape != (n, 3):
         raise OVoxelError(f"intersected must have shape ({n}, 3), got {fl.shape}")
-    fl = fl.astype(bool)
+    fl = fl.astype(bool, copy=False)
     sw = None
     if split_weight is not None:
         sw = np.asarray(split_weight, dtype=np.float32).reshape(-1)
         if sw.shape[0] != n:
             raise OVoxelError(f"split_weight must have {n} entries, got {sw.shape[0]}")
-    c = c.astype(np.int32 if resolution < (1 << 30) else np.int64)
+    c = c.astype(np.int32 if resolution < (1 << 30) else np.int64, copy=False)
     if n and (c.min() < 0 or c.max() >= resolution):
         raise OVoxelError(f"coords must lie in [0, {resolution})")
     if not np.isfinite(dv).all():
@@ -59,9 +59,16 @@ def lex_permutation(c: np.ndarray, R: int):
     if n < 2:
         return None
     x, y, z = c[:, 0], c[:, 1], c[:, 2]
-    k = (x.astype(np.int64) * R + y) * R + z
-    if bool((k[1:] > k[:-1]).all()):
+    ch = 1 << 20
+    for a in range(0, n - 1, ch):  # sortedness check in chunks (no full-size key array)
+        cc = c[a:a + ch + 1]
+        kc = (cc[:, 0].astype(np.int64) * R + cc[:, 1]) * R + cc[:, 2]
+        if not bool((kc[1:] > kc[:-1]).all()):
+            break
+    else:
         return None
+    if R > 32767:
+        k = (x.astype(np.int64) * R + y) * R + z
     if R <= 32767:
         o = np.argsort(z.astype(np.int16), kind="stable")
         o = o[np.argsort(y[o].astype(np.int16), kind="stable")]
@@ -80,36 +87,43 @@ def _quads(c: np.ndarray, fl: np.ndarray, R: int, order, check_faces: bool = Fal
     flags bound a closed surface and ray parity orients it consistently); else it is None.
     """
     n = c.shape[0]
-    fl8 = fl.astype(np.int8)
-    cnt = fl8[:, 0].astype(np.int64) + fl8[:, 1] + fl8[:, 2]
-    M = int(cnt.sum())
+    fl8 = fl.view(np.int8) if fl.dtype == bool else fl.astype(np.int8)
+    cnt = fl8[:, 0] + fl8[:, 1]
+    cnt += fl8[:, 2]
+    idt = np.int32 if 3 * n < (1 << 31) - 1 else np.int64
+    pid0 = np.cumsum(cnt, dtype=idt)
+    M = int(pid0[-1]) if n else 0
     if M == 0:
         return np.zeros((0, 4), np.int64), np.zeros(0, np.int8), True
-    pid = [np.cumsum(cnt) - cnt]
-    pid.append(pid[0] + fl8[:, 0])
-    pid.append(pid[1] + fl8[:, 1])
+    pid0 -= cnt
+    del cnt
+    if check_faces:  # per-voxel flag bits (x: 1, y: 2, z: 4)
+        fbits = (fl8[:, 1] << 1).view(np.uint8)
+        fbits |= fl8[:, 0].view(np.uint8)
+        fbits |= (fl8[:, 2] << 2).view(np.uint8)
+        fbits = np.append(fbits, np.uint8(0))  # index -1 -> 0
     if order is not None:
         c = c[order]
         fl = fl[order]
-        fl8 = fl8[order]
-        pid = [p[order] for p in pid]
+        fl8 = fl.view(np.int8)
+        pid0 = pid0[order]
+        if check_faces:
+            fbits[:-1] = fbits[:-1][order]
     R2 = R + 2
     PP = R2 * R2
-    lkey_all = (c[:, 1].astype(np.int64) + 1) * R2 + (c[:, 2] + 1)   # (y, z) part of the local key
     x = c[:, 0]
     T = max(1, min(R, _TABLE_CELLS // PP - 2))
     plane_start = np.zeros(R + 1, np.int64)
     np.cumsum(np.bincount(x, minlength=R), out=plane_start[1:])
     table = np.full((T + 2) * PP, -1, np.int32)
-    idt = np.int32 if n < (1 << 31) - 1 else np.int64
-    quad_all = np.empty((M, 4), idt)
+    if idt == np.int32:  # quads live in the first 4 columns of the [M, 6] triangle buffer (see _triangles)
+        quad_all = np.empty((M, 6), np.int32)[:, :4]
+    else:
+        quad_all = np.empty((M, 4), idt)
     axis_all = np.empty(M, np.int8)
     deltas = QUAD_OFFSETS[:, :, 0] * PP + QUAD_OFFSETS[:, :, 1] * R2 + QUAD_OFFSETS[:, :, 2]
-    flagged = [np.flatnonzero(fl[:, a]) for a in range(3)]
-    fstart = [np.searchsorted(f, plane_start) for f in flagged]
     faces_even = True if check_faces else None
-    if check_faces:
-        fcol = [np.append(fl8[:, d], np.int8(0)) for d in range(3)]  # index -1 -> the 0 sentinel
+    any_missing = False
     for x0 in range(0, R, T):
         x1 = min(R, x0 + T)
         P0, P1 = plane_start[x0], plane_start[x1]
@@ -117,41 +131,70 @@ def _quads(c: np.ndarray, fl: np.ndarray, R: int, order, check_faces: bool = Fal
             continue
         Pm = plane_start[x0 - 1] if (check_faces and x0 > 0) else P0
         P2 = plane_start[x1 + 1] if x1 < R else P1
-        lk = (x[Pm:P2] - (x0 - 1)).astype(np.int64) * PP + lkey_all[Pm:P2]
+        lk = (x[Pm:P2] - (x0 - 1)).astype(np.intp)   # local key (x - x0 + 1, y + 1, z + 1)
+        lk *= PP
+        cy = c[Pm:P2, 1].astype(np.intp)
+        cy += 1
+        cy *= R2
+        lk += cy
+        lk += c[Pm:P2, 2]
+        lk += 1
         table[lk] = np.arange(Pm, P2, dtype=np.int32)
         off = P0 - Pm
+        p_a = pid0[P0:P1].astype(np.intp)     # quad index of each voxel's first flagged axis, then +x, +y
         for a in range(3):
-            pos = flagged[a][fstart[a][x0]:fstart[a][x1]]
-            if pos.shape[0] == 0:
+            loc = np.flatnonzero(fl[P0:P1, a])
+            if loc.shape[0] == 0:
+                if a < 2:
+                    p_a += fl8[P0:P1, a]
                 continue
-            base = lk[pos - Pm]
-            pidx = pid[a][pos]
+            base = lk[loc + off]
+            pos = loc + P0
+            pidx = p_a[loc]
+            if a < 2:
+                p_a += fl8[P0:P1, a]
             quad_all[pidx, 0] = pos
             for o in range(1, 4):
-                quad_all[pidx, o] = table[base + deltas[a, o]]
+                g = table[base + deltas[a, o]]
+                if not any_missing and g.min() < 0:
+                    any_missing = True
+                quad_all[pidx, o] = g
             axis_all[pidx] = a
         if check_faces and faces_even:
             lko = lk[off:off + (P1 - P0)]
-            mx = table[lko - PP]
-            my = table[lko - R2]
-            mz = table[lko - 1]
-            fx, fy, fz = (fcol[d][P0:P1] for d in range(3))
-            odd = (fy + fz + fcol[1][mz] + fcol[2][my]) & 1
-            odd |= (fz + fx + fcol[2][mx] + fcol[0][mz]) & 1
-            odd |= (fx + fy + fcol[0][my] + fcol[1][mx]) & 1
+            b = fbits[P0:P1]
+            bx = fbits[table[lko - PP]]   # index -1 (no voxel) -> the 0 sentinel
+            by = fbits[table[lko - R2]]
+            bz = fbits[table[lko - 1]]
+            # parity of the flagged edges around the three primal faces at each voxel's corner
+            b1 = b >> 1
+            b2 = b >> 2
+            odd = b1 ^ b2
+            odd ^= bz >> 1
+            odd ^= by >> 2             # x-face: y, z of self; y of (z-1); z of (y-1)
+            o2 = b2 ^ b
+            o2 ^= bx >> 2
+            o2 ^= bz                   # y-face: z, x of self; z of (x-1); x of (z-1)
+            odd |= o2
+            o2 = b ^ b1
+            o2 ^= by
+            o2 ^= bx >> 1              # z-face: x, y of self; x of (y-1); y of (x-1)
+            odd |= o2
+            odd &= 1
             if odd.any():
                 faces_even = False
         table[lk] = -1
-    valid = (quad_all[:, 1] >= 0) & (quad_all[:, 2] >= 0) & (quad_all[:, 3] >= 0)
-    if valid.all():
-        quads = quad_all
+    valid = None if not any_missing else (
+        (quad_all[:, 1] >= 0) & (quad_all[:, 2] >= 0) & (quad_all[:, 3] >= 0))
+    if valid is None or valid.all():
+        quads, q_axes = quad_all, axis_all
     else:
-        quads = quad_all[valid]
+        quads, q_axes = quad_all[valid], axis_all[valid]
         if faces_even:
             faces_even = False
     if order is not None:
         quads = order.astype(idt)[quads]
-    return quads, (axis_all if quads is quad_all else axis_all[valid]), faces_even
+    return quads, q_axes, faces_even
 
 
 def _crossl(a, b):
@@ -159,9 +202,16 @@ def _crossl(a, b):
 
 
 def _split(quads: np.ndarray, verts: np.ndarray, sw: Optional[np.ndarray], rule: str,
-           chunk: int = 1 << 19) -> np.ndarray:
+           chunk: int = 1 << 14) -> np.ndarray:
     """bool [L]: True -> split 1 (diagonal 0-2), False -> split 2 (diagonal 1-3)."""
     L = quads.shape[0]
+    if sw is None and rule != "official":
+        out = np.empty(L, bool)
+        verts = np.ascontiguousarray(verts)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for a in range(0, L, chunk):
+                out[a:a + chunk] = _split_normal(quads[a:a + chunk], verts)
+        return out
     if L > chunk:
         out = np.empty(L, bool)
         vt = [np.ascontiguousarray(verts[:, d]) for d in range(3)]
@@ -169,6 +219,40 @@ def _split(quads: np.ndarray, verts: np.ndarray, sw: Optional[np.ndarray], rule:
             out[a:a + chunk] = _split1(quads[a:a + chunk], vt, sw, rule)
         return out
     return _split1(quads, [np.ascontiguousarray(verts[:, d]) for d in range(3)], sw, rule)
+
+
+def _split_normal(quads: np.ndarray, verts: np.ndarray) -> np.ndarray:
+    """The "normal" split rule of :func:`_split1` with stacked component arrays (same float32 ops)."""
+    k = quads.shape[0]
+    P = np.ascontiguousarray(verts.take(quads.T, axis=0).transpose(2, 0, 1))  # [3 comps, 4 corners, k]
+    W = np.empty((3, 5, k), np.float32)
+    np.subtract(P[:, 1:], P[:, :1], out=W[:, :3])               # e1, e2, e3
+    np.subtract(W[:, 0:2], W[:, 2:3], out=W[:, 3:5])            # e1 - e3, e2 - e3
+    U = W[:, [0, 1, 0, 3]]
+    V = W[:, [1, 2, 2, 4]]
+    N = np.empty((3, 4, k), np.float32)                         # na, nb, nc, nd
+    np.multiply(U[1], V[2], out=N[0])
+    N[0] -= U[2] * V[1]
+    np.multiply(U[2], V[0], out=N[1])
+    N[1] -= U[0] * V[2]
+    np.multiply(U[0], V[1], out=N[2])
+    N[2] -= U[1] * V[0]
+    A = N[:, 0::2]                                              # na, nc
+    B = N[:, 1::2]                                              # nb, nd
+    dot = A[0] * B[0]
+    dot += A[1] * B[1]
+    dot += A[2] * B[2]
+    aa = A[0] * A[0]
+    aa += A[1] * A[1]
+    aa += A[2] * A[2]
+    bb = B[0] * B[0]
+    bb += B[1] * B[1]
+    bb += B[2] * B[2]
+    aa *= bb
+    den = np.sqrt(aa, out=aa)
+    cs = np.divide(dot, den, out=dot)
+    cs[~(den > 0)] = np.float32(-2.0)
+    return cs[0] >= cs[1]
 
 
 def _split1(quads: np.ndarray, vt: list, sw: Optional[np.ndarray], rule: str) -> np.ndarray:
@@ -206,36 +290,52 @@ def _split1(quads: np.ndarray, vt: list, sw: Optional[np.ndarray], rule: str) ->
 # ----------------------------------------------------------------------------------------------
 # orientation
 # ----------------------------------------------------------------------------------------------
-def _stable_order(keys16):
-    return np.argsort(keys16, kind="stable")
-
-
 def _axis_lines(c: np.ndarray, fl: np.ndarray, lex: np.ndarray, a: int, R: int):
-    """Flagged a-edges sorted by (line, position): (rows, sorted int64 keys, rank in line, line count)."""
+    """Flagged a-edges sorted by (line, position).
+
+    Returns (rows, line, rank parity bool, odd-count bool per row or None when every line is even);
+    ``_line_keys`` gives the sorted int64 (line, position) keys.
+    """
     # flagged rows in lexicographic (x, y, z) order
     rows = np.flatnonzero(fl[:, a]) if lex is None else lex[fl[lex, a]]
     if rows.shape[0] == 0:
         z = np.zeros(0, np.int64)
-        return z, z, z, z
-    dt = np.int16 if R <= 32767 else np.int64
+        return z, z, np.zeros(0, bool), None
     cols = c.T if c.flags.f_contiguous else None
     col = (lambda d: cols[d]) if cols is not None else (lambda d: c[:, d])
-    if a == 1:  # lines (z, x), position y: stable sort by z
-        rows = rows[_stable_order(col(2)[rows].astype(dt))]
-    elif a == 0:  # lines (y, z), position x: stable sort by z, then by y
-        rows = rows[_stable_order(col(2)[rows].astype(dt))]
-        rows = rows[_stable_order(col(1)[rows].astype(dt))]
+    ldt = np.int32 if R * R < (1 << 31) - 1 else np.int64
     b, cc = (a + 1) % 3, (a + 2) % 3
-    line = col(b)[rows].astype(np.int64) * R + col(cc)[rows]
-    key = line * R + col(a)[rows]
-    first = np.empty(rows.shape[0], bool)
+    if a == 1:  # lines (z, x), position y: stable sort by z
+        dt = np.int16 if R <= 32767 else np.int64
+        rows = rows[np.argsort(col(2)[rows].astype(dt), kind="stable")]
+        line = col(b)[rows].astype(ldt) * R
+        line += col(cc)[rows]
+    else:
+        line = col(b)[rows].astype(ldt) * R
+        line += col(cc)[rows]
+        if a == 0:  # lines (y, z), position x: stable sort by (y, z) (rows are (x, y, z) sorted runs)
+            o = np.argsort(line, kind="stable")
+            rows = rows[o]
+            line = line[o]
+    N = rows.shape[0]
+    first = np.empty(N, bool)
     first[0] = True
     np.not_equal(line[1:], line[:-1], out=first[1:])
     starts = np.flatnonzero(first)
-    counts = np.diff(np.append(starts, rows.shape[0]))
-    grp = np.cumsum(first) - 1
-    rank = np.arange(rows.shape[0]) - starts[grp]
-    return rows, key, rank, counts[grp]
+    grp = np.cumsum(first, dtype=np.int32 if N < (1 << 31) - 1 else np.int64)
+    grp -= 1
+    rpar = np.zeros(N, bool)
+    rpar[1::2] = True
+    rpar ^= (starts & 1).astype(bool)[grp]     # (position - start of its line) is odd
+    codd = (np.diff(np.append(starts, N)) & 1).astype(bool)
+    return rows, line, rpar, (codd[grp] if codd.any() else None)
+
+
+def _line_keys(c: np.ndarray, ln, a: int, R: int) -> np.ndarray:
+    rows, line = ln[0], ln[1]
+    cols = c.T if c.flags.f_contiguous else None
+    ca = cols[a] if cols is not None else c[:, a]
+    return line.astype(np.int64) * R + ca[rows]
 
 
 def _labels(key: np.ndarray, corners: np.ndarray, a: int, R: int):
@@ -265,38 +365,70 @@ def _orientation_flip(c: np.ndarray, fl: np.ndarray, q_rows: np.ndarray, q_axes:
     corners from the other two axes' lines when those are reliable.
     """
     n = c.shape[0]
-    flip = np.zeros(q_rows.shape[0], bool)
+    L = q_rows.shape[0]
     lines = [_axis_lines(c, fl, lex, a, R) for a in range(3)]
-    all_even = all(bool(((ln[3] & 1) == 0).all()) for ln in lines)
+    all_even = all(ln[3] is None for ln in lines)
+    keys = {}
+
+    def okey(other):
+        if other not in keys:
+            keys[other] = _line_keys(c, lines[other], other, R)
+        return keys[other]
+
+    if L == int(np.count_nonzero(fl)):
+        # every flagged edge gave a quad: quads are the flagged (row, axis) pairs in row-major order
+        F = np.zeros((n, 3), bool)
+        for a in range(3):
+            F[lines[a][0], a] = lines[a][2]
+        flip = F[fl]
+        if all_even:
+            return flip, all_even
+        F[:] = False
+        for a in range(3):
+            if lines[a][3] is not None:
+                F[lines[a][0], a] = lines[a][3]
+        oddq = np.flatnonzero(F[fl])
+        del F
+        oax = q_axes[oddq]
+        odd_sel = [oddq[oax == a] for a in range(3)]
+    else:
+        flip = np.zeros(L, bool)
+        odd_sel = []
+        for a in range(3):
+            sel = np.flatnonzero(q_axes == a)
+            if sel.shape[0] == 0:
+                odd_sel.append(sel)
+                continue
+            rows, _, rpar, codd = lines[a]
+            par = np.zeros(n, bool)
+            par[rows] = rpar
+            r = q_rows[sel]
+            flip[sel] = par[r]
+            if codd is None:
+                odd_sel.append(sel[:0])
+                continue
+            even = np.ones(n, bool)
+            even[rows] = ~codd
+            odd_sel.append(sel[~even[r]])
     for a in range(3):
-        sel = np.flatnonzero(q_axes == a)
-        if sel.shape[0] == 0:
+        so = odd_sel[a]
+        if so.shape[0] == 0:
             continue
-        rows, key, rank, count = lines[a]
-        par = np.zeros(n, bool)
-        even = np.zeros(n, bool)
-        par[rows] = (rank & 1).astype(bool)
-        even[rows] = (count & 1) == 0
-        r = q_rows[sel]
-        flip[sel] = par[r]
-        odd = np.flatnonzero(~even[r])
-        if odd.shape[0] == 0:
-            continue
-        own = c[r[odd]]
+        own = c[q_rows[so]]
         b, cc = (a + 1) % 3, (a + 2) % 3
         c0 = own.copy()
         c0[:, b] += 1
         c0[:, cc] += 1
         c1 = c0.copy()
         c1[:, a] += 1
-        decided = np.zeros(odd.shape[0], bool)
+        decided = np.zeros(so.shape[0], bool)
         for other in (b, cc):
-            okey = lines[other][1]
-            l0, v0 = _labels(okey, c0, other, R)
-            l1, v1 = _labels(okey, c1, other, R)
+            ok_ = okey(other)
+            l0, v0 = _labels(ok_, c0, other, R)
+            l1, v1 = _labels(ok_, c1, other, R)
             use = ~decided & v0 & v1 & (l0 != l1)
             # inside at c0 and outside at c1 -> the surface faces +a -> flip the official (-a) winding
-            flip[sel[odd[use]]] = l0[use]
+            flip[so[use]] = l0[use]
             decided |= use
     return flip, all_even
 
@@ -428,6 +560,44 @@ def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_
     return flip ^ flip_patch[lab]
 
 
+def _triangles(quads: np.ndarray, split1: np.ndarray, flip: Optional[np.ndarray], remap: Optional[np.ndarray],
+               chunk: int = 1 << 14) -> np.ndarray:
+    """int32 [L, 6]: the two triangles of every quad (split 1: ``[q0,q1,q2],[q0,q2,q3]``, split 2:
+    ``[q0,q1,q3],[q3,q1,q2]``; a flipped quad has columns 1<->2 and 4<->5 swapped), built in
+    cache-sized chunks; ``remap`` (optional) renumbers the vertex indices."""
+    L = quads.shape[0]
+    buf = quads.base
+    if (isinstance(buf, np.ndarray) and buf.shape == (L, 6) and buf.dtype == np.int32
+            and buf.flags.c_contiguous and quads.strides == buf.strides
+            and quads.__array_interface__["data"][0] == buf.__array_interface__["data"][0]):
+        tri = buf  # quads = tri[:, :4] (from _quads): each chunk is copied before it is overwritten
+    else:
+        tri = np.empty((L, 6), np.int32)
+    for a in range(0, L, chunk):
+        b = min(L, a + chunk)
+        q = quads[a:b].copy() if remap is None else remap[quads[a:b]]
+        s = split1[a:b]
+        t = tri[a:b]
+        q0, q1, q2, q3 = q[:, 0], q[:, 1], q[:, 2], q[:, 3]
+        c2 = np.where(s, q2, q3)
+        c4 = np.where(s, q2, q1)
+        c5 = np.where(s, q3, q2)
+        t[:, 0] = q0
+        t[:, 3] = np.where(s, q0, q3)
+        if flip is None:
+            t[:, 1] = q1
+            t[:, 2] = c2
+            t[:, 4] = c4
+            t[:, 5] = c5
+        else:
+            f = flip[a:b]
+            t[:, 1] = np.where(f, c2, q1)
+            t[:, 2] = np.where(f, q1, c2)
+            t[:, 4] = np.where(f, c5, c4)
+            t[:, 5] = np.where(f, c4, c5)
+    return tri
+
+
 # ----------------------------------------------------------------------------------------------
 # public
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +644,6 @@ def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
     verts *= s
     verts += box[0].astype(np.float32)
     order = lex_permutation(c, R)
-    c = np.asfortranarray(c)  # column access below
     quads, q_axes, faces_even = _quads(c, fl, R, order, check_faces=orient)
     split1 = _split(quads, verts, sw, nosplit_rule)
     L = quads.shape[0]
@@ -487,26 +656,23 @@ def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
         # double-crossing artefacts, intersecting parts) make the windings agree across manifold edges.
         if not faces_even:
             flip = make_winding_consistent(quads, flip, c.shape[0], q_axes)
+    remap = None
     if remove_unused:
-        used = np.zeros(verts.shape[0], bool)
-        used[quads.reshape(-1)] = True
-        remap = (np.cumsum(used) - 1).astype(np.int32)
-        verts = verts[used]
-        quads = remap[quads]
-    q0, q1, q2, q3 = (quads[:, i] for i in range(4))
-    tri = np.empty((L, 6), np.int32)
-    tri[:, 0] = q0
-    tri[:, 1] = q1
-    tri[:, 2] = np.where(split1, q2, q3)
-    tri[:, 3] = np.where(split1, q0, q3)
-    tri[:, 4] = np.where(split1, q2, q1)
-    tri[:, 5] = np.where(split1, q3, q2)
-    if flip is not None and flip.any():
-        fi = np.flatnonzero(flip)
-        t1, t2 = tri[fi, 1], tri[fi, 2]
-        tri[fi, 1], tri[fi, 2] = t2, t1
-        t4, t5 = tri[fi, 4], tri[fi, 5]
-        tri[fi, 4], tri[fi, 5] = t5, t4
+        if L == int(np.count_nonzero(fl)):
+            # every flagged edge gave a quad: every flagged voxel is some quad's q0
+            used = fl[:, 0] | fl[:, 1]
+            used |= fl[:, 2]
+            if not used.all():
+                for k in range(1, 4):
+                    used[quads[:, k]] = True
+        else:
+            used = np.zeros(verts.shape[0], bool)
+            used[quads.reshape(-1)] = True
+        if not used.all():
+            remap = np.cumsum(used, dtype=np.int32 if used.shape[0] < (1 << 31) - 1 else np.int64)
+            remap -= 1
+            verts = verts[used]
+    tri = _triangles(quads, split1, flip if (flip is not None and flip.any()) else None, remap)
     return np.ascontiguousarray(verts, dtype=np.float32), tri.reshape(-1, 3)
 
 
