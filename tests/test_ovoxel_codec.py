@@ -417,3 +417,28 @@ def test_big_triangle_path_and_threads(monkeypatch):
         outs = list(ex.map(lambda a: ox.encode_shape(*a), [(sv, sf, 40), (v, f, 48)] * 2))
     np.testing.assert_array_equal(outs[0].dual_vertices, outs[2].dual_vertices)
     np.testing.assert_array_equal(outs[1].dual_vertices, ref.dual_vertices)
+
+
+def test_parallel_slabs_give_identical_result(monkeypatch):
+    """Slabs encoded on several worker threads give bit-identical output to one thread, in any slab
+    order; thread counts are validated; the memory budget caps the workers."""
+    v, f = uv_sphere(0.41, 24, 48, center=(0.011, -0.017, 0.023))
+    monkeypatch.setattr(E, "_SLAB_CELLS", 3 * 65 ** 2)  # one x-plane per slab: 64 slabs
+    one = ox.encode_shape(v, f, 64, threads=1)
+    assert one.meta["encode_stats"]["threads"] == 1
+    for n in (2, 5):
+        many = ox.encode_shape(v, f, 64, threads=n)
+        assert many.meta["encode_stats"]["threads"] == n
+        np.testing.assert_array_equal(many.coords, one.coords)
+        np.testing.assert_array_equal(many.dual_vertices, one.dual_vertices)
+        np.testing.assert_array_equal(many.intersected, one.intersected)
+    monkeypatch.setenv("TRELLIS_ENCODE_THREADS", "3")
+    assert ox.encode_shape(v, f, 64).meta["encode_stats"]["threads"] == 3
+    monkeypatch.setenv("TRELLIS_ENCODE_THREADS", "many")
+    with pytest.raises(ox.OVoxelError, match="TRELLIS_ENCODE_THREADS"):
+        ox.encode_shape(v, f, 64)
+    monkeypatch.delenv("TRELLIS_ENCODE_THREADS")
+    with pytest.raises(ox.OVoxelError, match="threads"):
+        ox.encode_shape(v, f, 64, threads=0)
+    assert E._encode_workers(8, 100, 1e6, spare_bytes=0) == 1
+    assert E._encode_workers(8, 3, 1e6, spare_bytes=1 << 40) == 3

@@ -28,6 +28,7 @@ boundary walks are clipped to the grid.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Optional
 
@@ -44,6 +45,7 @@ _TABLE_CELLS = _SLAB_CELLS
 _BIG_TRI_CELLS = 1 << 16  # triangles whose voxel bbox exceeds this use a sort-based pair dedup
 _DEFAULT_MAX_MEMORY = 4 << 30
 _MAX_RESOLUTION = 4096
+_DEFAULT_MAX_THREADS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +540,7 @@ def _bucket(ids: np.ndarray, nb: int):
 def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb: Any = DEFAULT_AABB, *,
                  face_weight: float = 1.0, boundary_weight: float = 0.2, regularization_weight: float = 1e-2,
                  weld: bool = True, outside: str = "error", order: str = "lex",
-                 max_memory: Optional[int] = None) -> OVoxel:
+                 max_memory: Optional[int] = None, threads: Optional[int] = None) -> OVoxel:
     """Mesh -> shape O-Voxel, same semantics as the official ``mesh_to_flexible_dual_grid``.
 
     Args:
@@ -555,6 +557,9 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
             (z-order like the official README / .vxz; costs one sort).
         max_memory: bytes of scratch the encoder may use (default: 4 GiB); a resolution/mesh whose
             estimated work would exceed it raises :class:`OVoxelError` before allocating.
+        threads: worker threads encoding x-slabs in parallel (default: ``TRELLIS_ENCODE_THREADS`` or
+            the usable CPU count, at most 8; fewer when ``max_memory`` would not cover them). The
+            result is identical for any thread count.
 
     Returns:
         :class:`OVoxel` with ``dual_vertices`` float32 voxel-local offsets in ``[0, 1]`` (the QEF
@@ -702,28 +707,30 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     thi = np.floor(np.maximum(np.maximum(T0, T1), T2)).astype(np.int64) + 1
     tick("slab_setup")
 
+    t_slabs = _time.perf_counter()
     R1 = R + 1
     PP = R1 * R1
-    table = np.full((T + 2) * PP, -1, np.int32)
     VF = np.floor(P).astype(np.int64)  # voxel of every vertex (face term)
-    deltas = np.zeros((3, 4), np.int64)
-    offx = np.zeros((3, 4), np.int64)
-    for a in range(3):
-        for o in range(4):
-            off = np.zeros(3, np.int64)
-            off[(a + 1) % 3] = o & 1
-            off[(a + 2) % 3] = (o >> 1) & 1
-            deltas[a, o] = off[0] * PP + off[1] * R1 + off[2]
-            offx[a, o] = off[0]
-    out_c, out_d, out_f = [], [], []
-    n_cross = 0
-    n_cons = 0
-    for si in range(nslab):
+    tables: dict = {}  # one dense slab table per worker thread (reset to -1 after every slab)
+
+    def slab(si: int):
+        """Encode slab ``si`` (x in [x0, x1)): returns (coords, dual, flags, crossings, constrained, timing)."""
+        table = tables.get(threading.get_ident())
+        if table is None:
+            table = tables[threading.get_ident()] = np.full((T + 2) * PP, -1, np.int32)
+        stimes: dict = {}
+        _st = [_time.perf_counter()]
+
+        def tick(name):  # noqa: F811 - per-slab timer (slabs may run on several threads)
+            now = _time.perf_counter()
+            stimes[name] = stimes.get(name, 0.0) + now - _st[0]
+            _st[0] = now
+
         x0 = si * T
         x1 = min(R, x0 + T)
         sel = ts_tri[ts_starts[si]:ts_starts[si + 1]]
         if sel.shape[0] == 0:
-            continue
+            return None
         A0, A1, A2 = T0[sel], T1[sel], T2[sel]
         parts = []
         for a in range(3):
@@ -732,7 +739,7 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
                 parts.append((a, tl, i, j, k, t))
         tick("crossings")
         if not parts:
-            continue
+            return None
         # per-slab triangle key spaces for (triangle, voxel) pair deduplication: each triangle's voxel
         # bbox (+-1, x clipped to the slab); huge boxes fall back to sorting
         ntl = sel.shape[0]
@@ -802,7 +809,6 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         inc_v = table[inc_key].astype(np.int64)
         flags = np.zeros((nv, 3), bool)
         flags[inc_v[:n_own], c_ax[inc_c[:n_own]]] = True
-        n_cross += n_own
         tick("voxels")
         # counts and point sums (QEF space)
         cnt = np.bincount(inc_v, minlength=nv).astype(np.float64)
@@ -878,13 +884,32 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         lo = cvox.astype(np.float64) if iso else cvox * kscale
         hi = lo + 1.0 if iso else (cvox + 1) * kscale
         x, cons = _solve_qef(Q, lo, hi)
-        n_cons += int(cons.sum())
         local = (x - lo) if iso else (x / kscale - cvox)
-        out_c.append(cvox.astype(np.int32))
-        out_d.append(np.clip(local, 0.0, 1.0).astype(np.float32))
-        out_f.append(flags)
         table[inc_key] = -1
         tick("solve")
+        return (cvox.astype(np.int32), np.clip(local, 0.0, 1.0).astype(np.float32), flags, n_own,
+                int(cons.sum()), stimes)
+
+    workers = _encode_workers(threads, nslab, est, max_memory - est_bytes)
+    stats["threads"] = workers
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ovoxel-encode") as pool:
+            results = list(pool.map(slab, range(nslab)))
+    else:
+        results = [slab(si) for si in range(nslab)]
+    results = [r for r in results if r is not None]
+    out_c = [r[0] for r in results]
+    out_d = [r[1] for r in results]
+    out_f = [r[2] for r in results]
+    n_cross = sum(r[3] for r in results)
+    n_cons = sum(r[4] for r in results)
+    for r in results:  # summed over slabs (CPU-seconds when slabs run in parallel)
+        for k, dt in r[5].items():
+            timing[k] = timing.get(k, 0.0) + dt
+    _t[0] = _time.perf_counter()
+    timing["slabs_wall"] = _t[0] - t_slabs
 
     if not out_c:
         return empty()
@@ -900,6 +925,30 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     stats.update(crossings=n_cross, voxels=int(coords.shape[0]), constrained=n_cons, timing=timing)
     return OVoxel(resolution=R, aabb=box, coords=coords, dual_vertices=dual, intersected=flags,
                   meta={"encode_stats": stats})
+
+
+def _encode_workers(threads: Optional[int], nslab: int, est_crossings: float, spare_bytes: float) -> int:
+    """Worker threads for the slab loop: requested (or default) count, capped by slabs and memory."""
+    if threads is None:
+        env = os.environ.get("TRELLIS_ENCODE_THREADS", "").strip()
+        if env:
+            try:
+                threads = int(env)
+            except ValueError:
+                raise OVoxelError(f"TRELLIS_ENCODE_THREADS must be a whole number, got {env!r}") from None
+        else:
+            try:
+                threads = len(os.sched_getaffinity(0))
+            except (AttributeError, OSError):
+                threads = os.cpu_count() or 1
+            threads = min(threads, _DEFAULT_MAX_THREADS)
+    threads = int(threads)
+    if threads < 1:
+        raise OVoxelError(f"threads must be at least 1, got {threads}")
+    # every extra worker holds its own slab table and one slab's temporaries (slabs are uneven: 4x mean)
+    per_worker = 4 * _TABLE_CELLS + 4 * 350 * est_crossings / max(nslab, 1)
+    by_memory = 1 + int(max(spare_bytes, 0) // per_worker)
+    return max(1, min(threads, nslab, by_memory))
 
 
 _SCRATCH = threading.local()
