@@ -350,20 +350,59 @@ def triangulated_arrays(obj: "bpy.types.Object", depsgraph, uv_name: Optional[st
         ev.to_mesh_clear()
 
 
+_ELEMENT_FLAGS = (("vertices", "select"), ("vertices", "hide"), ("edges", "select"), ("edges", "hide"),
+                  ("polygons", "select"), ("polygons", "hide"))
+
+
+def save_edit_state(context: "bpy.types.Context", me: "bpy.types.Mesh") -> dict:
+    """The mesh's selection/hide flags, active face and the edit-mode select mode (object mode only)."""
+    state: dict = {"flags": {}, "active_face": me.polygons.active,
+                   "select_mode": tuple(context.tool_settings.mesh_select_mode)}
+    for coll, attr in _ELEMENT_FLAGS:
+        items = getattr(me, coll)
+        flags = np.zeros(len(items), dtype=bool)
+        items.foreach_get(attr, flags)
+        state["flags"][(coll, attr)] = flags
+    return state
+
+
+def restore_edit_state(context: "bpy.types.Context", me: "bpy.types.Mesh", state: dict) -> None:
+    """Put back what :func:`save_edit_state` saved (object mode; the topology must be unchanged).
+
+    Only flags that differ are written: nothing is touched when nothing changed (bpy 5.0.1 crashes
+    writing edge flags of a mesh fresh from ``from_pydata`` that never was in edit mode).
+    """
+    for (coll, attr), flags in state["flags"].items():
+        items = getattr(me, coll)
+        if len(items) != len(flags):
+            continue
+        now = np.zeros(len(items), dtype=bool)
+        items.foreach_get(attr, now)
+        if not np.array_equal(now, flags):
+            items.foreach_set(attr, flags)
+    if me.polygons.active != state["active_face"] and 0 <= state["active_face"] < len(me.polygons):
+        me.polygons.active = state["active_face"]
+    if tuple(context.tool_settings.mesh_select_mode) != state["select_mode"]:
+        context.tool_settings.mesh_select_mode = state["select_mode"]
+
+
 def smart_uv_corners(context: "bpy.types.Context", obj: "bpy.types.Object") -> tuple[np.ndarray, dict]:
     """Smart UV Project on a temporary UV map that is removed again.
 
     Returns ``(per-loop UVs (n_loops, 2), triangulated arrays of the base mesh with those UVs)``; the
     caller adds the UVs as ``TRELLIS_UV`` only once the job succeeded, so a failed job leaves the
-    mesh as it was.
+    mesh as it was. Hidden faces are unwrapped too (they render in Object Mode); the mesh's
+    selection and hide flags, active face and the select mode are restored afterwards, also when
+    the unwrap fails.
     """
     me = obj.data
     if len(me.uv_layers) >= MAX_UV_MAPS:
         raise ValueError(f"{obj.name!r} already has {MAX_UV_MAPS} UV maps (Blender's limit)")
     prev_active = me.uv_layers.active.name if me.uv_layers.active else None
+    prev_mode = obj.mode
+    edit_state = save_edit_state(context, me) if prev_mode == "OBJECT" else None
     layer = me.uv_layers.new(name="TRELLIS_UV_tmp")
     me.uv_layers.active = layer
-    prev_mode = obj.mode
     view_layer = context.view_layer
     # Edit mode and Smart UV Project act on every selected mesh: isolate ``obj`` so no other mesh's
     # UVs are touched, then restore the selection.
@@ -374,6 +413,10 @@ def smart_uv_corners(context: "bpy.types.Context", obj: "bpy.types.Object") -> t
             o.select_set(False)
         obj.select_set(True)
         view_layer.objects.active = obj
+        if edit_state is not None:  # unhide everything so that every face gets UVs
+            for coll, attr in _ELEMENT_FLAGS:
+                if attr == "hide" and edit_state["flags"][(coll, attr)].any():
+                    getattr(me, coll).foreach_set(attr, np.zeros(len(getattr(me, coll)), dtype=bool))
         with context.temp_override(active_object=obj, object=obj, selected_objects=[obj],
                                    selected_editable_objects=[obj]):
             bpy.ops.object.mode_set(mode="EDIT")
@@ -387,6 +430,8 @@ def smart_uv_corners(context: "bpy.types.Context", obj: "bpy.types.Object") -> t
     finally:
         if obj.mode != prev_mode and prev_mode == "OBJECT":
             bpy.ops.object.mode_set(mode="OBJECT")
+        if edit_state is not None and obj.mode == "OBJECT":
+            restore_edit_state(context, me, edit_state)
         obj.select_set(False)
         for o in selected:
             o.select_set(True)

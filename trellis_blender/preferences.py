@@ -80,6 +80,14 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
     env_dir: StringProperty(
         name="Environment folder", subtype="DIR_PATH",
         description="Where 'Create backend environment' makes the venv (empty: the extension's user folder)")
+    torch_build: EnumProperty(
+        name="Torch build", default="AUTO", items=tasks.TORCH_BUILDS,
+        description="Which PyTorch build 'Create backend environment' installs (PyPI's torch is CPU-only "
+                    "on Windows; NVIDIA drivers older than 580 need a CUDA 12 build)")
+    torch_index_url: StringProperty(
+        name="Torch index URL",
+        description="pip index (--index-url) torch is installed from when the torch build is 'Custom index', "
+                    "e.g. https://download.pytorch.org/whl/cu129")
     model_dir: StringProperty(
         name="TRELLIS.2-4B", subtype="DIR_PATH",
         description="Folder of the TRELLIS.2-4B snapshot (pipeline.json + ckpts/)")
@@ -114,6 +122,11 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         row.operator("trellis.check_backend", icon="CHECKMARK")
         row.operator("trellis.create_backend_env", icon="IMPORT")
         box.prop(self, "env_dir")
+        col = box.column(align=True)
+        col.prop(self, "torch_build")
+        if self.torch_build == "CUSTOM":
+            col.prop(self, "torch_index_url")
+        col.label(text=tasks.torch_build_hint(self.torch_build), icon="INFO")
         for task in (runtime.env_task, runtime.selftest_task):
             if task is None:
                 continue
@@ -164,7 +177,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
 
 
 class TRELLIS_OT_create_backend_env(bpy.types.Operator):
-    """Make a Python venv and pip-install the backend requirements (runs in the background, logged)"""
+    """Make a Python venv, pip-install torch (the chosen build) and the backend requirements (background, logged)"""
 
     bl_idname = "trellis.create_backend_env"
     bl_label = "Create Backend Environment"
@@ -185,8 +198,14 @@ class TRELLIS_OT_create_backend_env(bpy.types.Operator):
         ext_dir = runtime.extension_dir()
         log = cache_dir(prefs) / "logs" / "create_env.log"
         try:
-            runtime.env_task = tasks.create_env_task(env_dir, ext_dir, log).start()
-        except FileNotFoundError as exc:
+            task = tasks.create_env_task(env_dir, ext_dir, log, build=prefs.torch_build,
+                                         custom_url=prefs.torch_index_url)
+        except (FileNotFoundError, ValueError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        try:
+            runtime.env_task = task.start()
+        except OSError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         prefs.backend_python = str(tasks.venv_python(env_dir))

@@ -99,10 +99,31 @@ def test_texture_selected_without_uvs_adds_trellis_uv(addon, fake, tmp_path, sha
     spot_uv = np.empty(len(spot.data.loops) * 2, np.float32)
     spot.data.uv_layers[0].data.foreach_get("uv", spot_uv)
     obj = build_plain_mesh("NoUV")
+    # an artist's mesh has been in edit mode (bpy 5.0.1 crashes writing edge flags of a mesh fresh
+    # from from_pydata that never was)
+    bpy.ops.object.mode_set(mode="EDIT")
+    bpy.ops.object.mode_set(mode="OBJECT")
     spot.select_set(True)
     assert len(obj.data.uv_layers) == 0
+    # a partial edit-mode selection, hidden faces, an active face and edge select mode: all kept
+    pattern = {}
+    for coll, attr, rule in (("vertices", "select", lambda i: i % 3 == 0), ("edges", "select", lambda i: i % 2 == 0),
+                             ("polygons", "select", lambda i: i % 4 == 1), ("polygons", "hide", lambda i: i % 5 == 2),
+                             ("vertices", "hide", lambda i: i == 7), ("edges", "hide", lambda i: i == 4)):
+        items = getattr(obj.data, coll)
+        pattern[coll, attr] = np.array([rule(i) for i in range(len(items))])
+        items.foreach_set(attr, pattern[coll, attr])
+    obj.data.polygons.active = 5
+    bpy.context.scene.tool_settings.mesh_select_mode = (False, True, False)
     png = write_png(tmp_path / "a.png")
     assert bpy.ops.trellis.texture_selected(filepath=png, texture_size=32) == {"FINISHED"}
+    me = bpy.data.objects["NoUV"].data
+    for (coll, attr), expected in pattern.items():
+        got = np.zeros(len(expected), bool)
+        getattr(me, coll).foreach_get(attr, got)
+        assert np.array_equal(got, expected), (coll, attr)
+    assert me.polygons.active == 5
+    assert tuple(bpy.context.scene.tool_settings.mesh_select_mode) == (False, True, False)
     spot = bpy.data.objects[spot.name]
     after = np.empty(len(spot.data.loops) * 2, np.float32)
     spot.data.uv_layers[0].data.foreach_get("uv", after)
@@ -113,6 +134,10 @@ def test_texture_selected_without_uvs_adds_trellis_uv(addon, fake, tmp_path, sha
     uv = np.empty(len(me.loops) * 2, np.float32)
     me.uv_layers["TRELLIS_UV"].data.foreach_get("uv", uv)
     assert uv.min() >= 0.0 and uv.max() <= 1.0 and np.ptp(uv) > 0.1
+    uv = uv.reshape(-1, 2)
+    for poly in me.polygons:  # hidden faces were unwrapped too: no face collapses to a point
+        corners = uv[poly.loop_start:poly.loop_start + poly.loop_total]
+        assert np.ptp(corners, axis=0).min() > 0, poly.index
     mat = me.materials[0]
     uvnode = [n for n in mat.node_tree.nodes if n.bl_idname == "ShaderNodeUVMap"][0]
     assert uvnode.uv_map == "TRELLIS_UV"

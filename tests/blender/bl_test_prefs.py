@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 
 import bpy
+import pytest
 
-from helpers import addon_module, prefs
+from helpers import addon_module, draw_panel, prefs
 
 
 def test_check_backend_shows_selftest(addon, tmp_path):
@@ -64,6 +65,57 @@ def test_create_env_task_plan(addon, tmp_path):
     assert t.steps[-1] == [str(tasks.venv_python(str(tmp_path / "env"))), "-m", "pip", "install", "-r", str(req)]
     assert "torch==2.13.0" in req.read_text()  # the pinned backend requirements travel in the zip
     assert "PYTHONPATH" not in t.env
+
+
+def test_torch_build_preference_draw_and_operator(addon, tmp_path, monkeypatch):
+    """The torch-build enum and its custom URL are drawn (RNA-checked), and Create Backend Environment
+    builds its plan with the chosen build; pip itself is swapped for a no-op step."""
+    p = prefs(addon)
+    tasks = addon_module(addon, "tasks")
+    runtime = addon_module(addon, "runtime")
+    prop = type(p).bl_rna.properties["torch_build"]
+    assert [i.identifier for i in prop.enum_items] == ["AUTO", "CU130", "CU128", "CU126", "CPU", "CUSTOM"]
+    assert prop.default == "AUTO"
+    plans = []
+    real = tasks.create_env_task
+
+    def recording(env_dir, ext_dir, log_path, base_python=None, build="AUTO", custom_url=""):
+        task = real(env_dir, ext_dir, log_path, base_python, build=build, custom_url=custom_url)
+        plans.append((build, [list(s) for s in task.steps], list(task.step_titles)))
+        task.steps, task.step_titles = [[sys.executable, "-c", "pass"]], ("no-op",)
+        return task
+
+    monkeypatch.setattr(tasks, "create_env_task", recording)
+    old = (p.torch_build, p.torch_index_url, p.env_dir, p.cache_dir, p.backend_python)
+    try:
+        p.torch_build, p.torch_index_url = "CUSTOM", "https://mirror.example.com/whl/cu129"
+        p.env_dir, p.cache_dir = str(tmp_path / "env"), str(tmp_path / "cache")
+        layout = draw_panel(type(p), wrapped=p)
+        drawn = [c["args"]["property"] for c in layout.calls if c["fn"] == "prop"]
+        assert drawn.index("torch_index_url") == drawn.index("torch_build") + 1
+        assert tasks.torch_build_hint("CUSTOM") in layout.texts()
+        assert bpy.ops.trellis.create_backend_env() == {"FINISHED"}
+        build, steps, titles = plans[-1]
+        assert build == "CUSTOM" and titles[2] == "install torch (custom index)"
+        assert steps[2][-3:] == ["torch==2.13.0", "--index-url", "https://mirror.example.com/whl/cu129"]
+        assert steps[-1][-2:] == ["-r", str(runtime.extension_dir() / "backend" / "requirements.txt")]
+        assert p.backend_python == str(tasks.venv_python(str(tmp_path / "env")))
+
+        p.torch_build = "CU128"
+        layout = draw_panel(type(p), wrapped=p)
+        assert "torch_index_url" not in [c["args"]["property"] for c in layout.calls if c["fn"] == "prop"]
+        assert any("CUDA 12.8" in t for t in layout.texts())
+        assert bpy.ops.trellis.create_backend_env() == {"FINISHED"}
+        assert plans[-1][1][2][-2:] == ["--index-url", "https://download.pytorch.org/whl/cu128"]
+
+        p.torch_build, p.torch_index_url = "CUSTOM", "not a url"
+        runtime.env_task = None
+        with pytest.raises(RuntimeError, match="http"):
+            bpy.ops.trellis.create_backend_env()
+        assert runtime.env_task is None and len(plans) == 2
+    finally:
+        p.torch_build, p.torch_index_url, p.env_dir, p.cache_dir, p.backend_python = old
+        runtime.env_task = None
 
 
 def test_model_folder_status(addon, tmp_path):
