@@ -168,3 +168,63 @@ def test_conv_rejects_unsupported_configs() -> None:
         SparseConv3d(4, 4, kernel_size=5)
     with pytest.raises(NotImplementedError):
         SparseConv3d(4, 4, stride=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# optional spconv backend (spconv-cu120 is a test dependency: its Native algorithm runs on CPU)
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def spconv_backend(monkeypatch: pytest.MonkeyPatch):
+    """Select ``SPARSE_CONV_BACKEND=spconv`` and count the convs spconv actually runs."""
+    import os
+
+    try:
+        import spconv.pytorch  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("spconv-cu120 (requirements-dev.txt) is missing: the spconv path would go untested")
+        pytest.skip("spconv not installed")
+    monkeypatch.setenv("SPARSE_CONV_BACKEND", "spconv")
+    monkeypatch.setattr(conv_mod, "_SPCONV_CHECKED", False)
+    calls = []
+    real = conv_mod._spconv_forward
+    monkeypatch.setattr(conv_mod, "_spconv_forward", lambda conv, x: calls.append(x.feats.dtype) or real(conv, x))
+    yield calls
+    monkeypatch.setattr(conv_mod, "_SPCONV_CHECKED", False)
+
+
+def test_spconv_backend_matches_dense_and_caches_rulebook(spconv_backend) -> None:
+    x = _random_sparse(3, batch=2, res=9, density=0.35, cin=6, shuffle=True)
+    conv = SparseConv3d(6, 10)
+    with torch.no_grad():
+        y = conv(x).feats
+        rulebook = x.get_cache("spconv_indice_dict")["trellis_subm3"]  # built once for this structure ...
+        y2 = conv(x.replace(x.feats * 2)).feats
+        assert x.get_cache("spconv_indice_dict")["trellis_subm3"] is rulebook  # ... reused by the next conv
+        torch.testing.assert_close(y, _dense_reference(x, conv, 9), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(y2 - conv.bias, 2 * (y - conv.bias), atol=5e-5, rtol=1e-5)
+        conv.half()
+        y16 = conv(x.replace(x.feats.half())).feats
+        assert y16.dtype == torch.float16
+        torch.testing.assert_close(y16.float(), y, atol=2e-2, rtol=1e-2)
+        n = len(spconv_backend)
+        yb = conv.bfloat16()(x.replace(x.feats.bfloat16())).feats  # no bf16 in spconv: torch path
+        assert len(spconv_backend) == n and yb.dtype == torch.bfloat16
+    assert spconv_backend == [torch.float32, torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("name", ["shape_encoder", "tex_decoder_guided", "shape_decoder"])
+def test_spconv_backend_reproduces_golden(golden_dir, name: str, spconv_backend) -> None:
+    from backend.golden import run_case
+
+    report = run_case(golden_dir, name)
+    assert report.passed, report.errors
+    assert len(spconv_backend) > 0
+
+
+def test_conv_backend_name_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSE_CONV_BACKEND", "flex_gemm")
+    with pytest.raises(ValueError, match="SPARSE_CONV_BACKEND"):
+        conv_mod.conv_backend()
+    monkeypatch.setenv("SPARSE_CONV_BACKEND", "")
+    assert conv_mod.conv_backend() == "torch"

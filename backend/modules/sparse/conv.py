@@ -27,17 +27,17 @@ On CUDA tensors :class:`SparseConv3d` hands the conv (over the same cached neigh
 project's ``kernels`` package (a Triton kernel, falling back to :func:`submanifold_conv3d` as its
 reference) when it imports — untested here, no GPU.
 
-An optional spconv path (``SPARSE_CONV_BACKEND=spconv``, CUDA tensors only, and only if
-``spconv.pytorch`` imports) hands the conv to spconv's ``SubMConv3d``, whose KRSC weight layout and
-tap orientation equal ours. **Untested: no GPU and no spconv in this project's environment.** (The
-CPU spconv package was only used side by side in ``benchmarks/sparse_conv.py``; on the shell
-inputs it agrees with this module to 1e-6, but on random-density grids it is wrong even with one
-thread, so it is no oracle.)
+An optional spconv path (``SPARSE_CONV_BACKEND=spconv``, used when ``spconv.pytorch`` imports and
+the features are fp32/fp16) hands the conv to spconv's ``SubMConv3d``, whose KRSC weight layout and
+tap orientation equal ours: its Native algorithm on CPU (tested in CI with ``spconv-cu120`` against
+the golden data and this module), its implicit GEMM on CUDA (needs a GPU to test). The CPU-only
+``spconv`` package is *not* supported: it is wrong with several OpenMP threads (environment notes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from typing import Any, Iterator
@@ -46,6 +46,8 @@ import torch
 import torch.nn as nn
 
 from .basic import SparseTensor
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SparseConv3d",
@@ -319,45 +321,77 @@ def submanifold_conv3d(
 
 
 # --------------------------------------------------------------------------------------------
-# Optional spconv path (CUDA only). UNTESTED in this project's CI: spconv is not installed here.
+# Optional spconv path (SPARSE_CONV_BACKEND=spconv). Tested on CPU (algo Native) against the golden
+# data and this module in CI; the CUDA algorithm (MaskImplicitGemm) needs a GPU.
 # --------------------------------------------------------------------------------------------
 _SPCONV: Any = None
 _SPCONV_CHECKED = False
+#: dtypes spconv's kernels take (its CPU Native algorithm has no bf16; the TRELLIS.2 SC-VAEs run fp16)
+_SPCONV_DTYPES = (torch.float32, torch.float16)
+
+
+def conv_backend() -> str:
+    """The sparse-conv backend selected by ``SPARSE_CONV_BACKEND`` (``torch`` default, or ``spconv``)."""
+    name = os.environ.get("SPARSE_CONV_BACKEND", "torch").strip().lower() or "torch"
+    if name not in ("torch", "spconv"):
+        raise ValueError(f"SPARSE_CONV_BACKEND must be 'torch' or 'spconv', got {name!r}")
+    return name
 
 
 def _spconv_module() -> Any:
-    """``spconv.pytorch`` if importable and selected with ``SPARSE_CONV_BACKEND=spconv``, else None."""
+    """``spconv.pytorch`` if selected with ``SPARSE_CONV_BACKEND=spconv`` and importable, else None
+    (checked once per process; an import failure is logged once and the torch path is used)."""
     global _SPCONV, _SPCONV_CHECKED
     if not _SPCONV_CHECKED:
         _SPCONV_CHECKED = True
-        if os.environ.get("SPARSE_CONV_BACKEND", "torch").lower() == "spconv":
-            try:  # pragma: no cover - not installed in CI
-                import spconv.pytorch as spconv_pt  # type: ignore[import-not-found]
+        _SPCONV = None
+        if conv_backend() == "spconv":
+            try:
+                import warnings
+
+                with warnings.catch_warnings():  # spconv 2.3 uses deprecated torch.cuda.amp decorators
+                    warnings.simplefilter("ignore", FutureWarning)
+                    import spconv.pytorch as spconv_pt  # type: ignore[import-not-found]
                 _SPCONV = spconv_pt
-            except Exception:  # noqa: BLE001
-                _SPCONV = None
+                log.info("sparse conv: spconv %s", getattr(spconv_pt, "__version__", ""))
+            except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+                log.warning("SPARSE_CONV_BACKEND=spconv but spconv cannot be imported (%s); using the torch "
+                            "sparse conv", e)
     return _SPCONV
 
 
-def _spconv_forward(conv: "SparseConv3d", x: SparseTensor) -> torch.Tensor:  # pragma: no cover
-    """UNTESTED: run the conv with spconv's SubMConv3d (KRSC weight = our layout, same taps)."""
+def _spconv_usable(x: SparseTensor) -> bool:
+    return x.feats.dtype in _SPCONV_DTYPES and _spconv_module() is not None
+
+
+def _spconv_forward(conv: "SparseConv3d", x: SparseTensor) -> torch.Tensor:
+    """The conv by spconv's ``SubMConv3d`` (KRSC weight = our ``[C_out, 3, 3, 3, C_in]``, same taps).
+
+    spconv's rulebook is kept in the tensor's ``spatial_cache`` (one per sparse structure, like our
+    neighbour map), so every conv of a level builds it once. CPU tensors use spconv's Native algorithm
+    (its default implicit GEMM is CUDA-only).
+    """
     sp = _SPCONV
-    key = "spconv_indice_key"
-    ikey = x.get_cache(key, lambda: f"subm{id(x.coords)}")
-    spatial = (x.coords[:, 1:].max(0).values + 1).tolist()
-    t = sp.SparseConvTensor(x.feats, x.coords, spatial, x.batch_size)
-    if x.get_cache("spconv_indice_dict") is not None:
-        t.indice_dict = x.get_cache("spconv_indice_dict")
+    spatial = x.get_cache("spconv_spatial_shape", lambda: (x.coords[:, 1:].amax(0) + 1).tolist() if x.coords.shape[0]
+                          else [1, 1, 1])
+    indice_dict = x.get_cache("spconv_indice_dict", dict)  # spconv's rulebooks of this structure
+    coords = x.coords if x.coords.dtype == torch.int32 else x.coords.int()
+    t = sp.SparseConvTensor(x.feats.contiguous(), coords.contiguous(), spatial, x.batch_size,
+                            indice_dict=indice_dict)
+    key = (x.device.type, conv.bias is not None)
     mod = conv.__dict__.get("_spconv_impl")
-    if mod is None:
-        mod = sp.SubMConv3d(conv.in_channels, conv.out_channels, 3, bias=conv.bias is not None,
-                            indice_key=ikey)
-        conv.__dict__["_spconv_impl"] = mod
-    mod.indice_key = ikey
-    mod.weight = conv.weight  # same [C_out, 3, 3, 3, C_in] layout
+    if mod is None or conv.__dict__.get("_spconv_key") != key:
+        algo = sp.ConvAlgo.Native if x.device.type == "cpu" else None
+        kw = {"algo": algo} if algo is not None else {}
+        with torch.device("meta"):
+            mod = sp.SubMConv3d(conv.in_channels, conv.out_channels, 3, bias=conv.bias is not None,
+                                indice_key="trellis_subm3", **kw)
+        conv.__dict__["_spconv_impl"] = mod  # not a registered submodule: no extra state_dict keys
+        conv.__dict__["_spconv_key"] = key
+    mod.weight = conv.weight  # the same Parameter (same layout), so .to()/dtype changes follow
     mod.bias = conv.bias
     y = mod(t)
-    x.spatial_cache["spconv_indice_dict"] = y.indice_dict
+    x.spatial_cache["spconv_indice_dict"] = y.indice_dict  # spconv returns a copy holding the new rulebook
     return y.features
 
 
@@ -401,7 +435,7 @@ class SparseConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        if x.device.type == "cuda" and _spconv_module() is not None:  # pragma: no cover
+        if _spconv_usable(x):
             return x.replace(_spconv_forward(self, x))
         kern = _gpu_kernels(x)
         if kern is not None:  # pragma: no cover - CUDA only
