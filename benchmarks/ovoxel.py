@@ -26,18 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRELLIS_SHARED", REPO.parent / "shared"))
-ASSETS = {
-    "spot": "spot/spot_triangulated.obj",
-    "barrel": "barrel/barrel.glb",
-    "water_bottle": "water_bottle/WaterBottle.gltf",
-    "alpha_blend": "alpha_blend_mode_test/AlphaBlendModeTest.glb",
-    "vase_flowers": "glass_vase_flowers/GlassVaseFlowers.glb",
-    "sheen_cloth": "sheen_cloth/SheenCloth.gltf",
-    "candle_holder": "glass_hurricane_candle_holder/GlassHurricaneCandleHolder.glb",
-    "toy_car": "toy_car/ToyCar.gltf",
-    "metal_rough_spheres": "metal_rough_spheres_no_textures/MetalRoughSpheresNoTextures.glb",
-    "two_sided_plane": "two_sided_plane/TwoSidedPlane.gltf",
-}
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from benchmarks.assets import ASSETS  # noqa: E402  (the one asset table, shared with the tests)
 
 
 def _rss_mb() -> float:

@@ -12,22 +12,11 @@ import pytest
 from backend import ovoxel as ox
 from backend.mesh_io import load_mesh
 from backend.ovoxel.meshutil import edge_stats, sample_surface
+from benchmarks.assets import ASSETS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ovoxel_metrics import SurfaceDistance, roundtrip_metrics  # noqa: E402
 
-ASSETS = {
-    "spot": "spot/spot_triangulated.obj",
-    "barrel": "barrel/barrel.glb",
-    "water_bottle": "water_bottle/WaterBottle.gltf",
-    "alpha_blend": "alpha_blend_mode_test/AlphaBlendModeTest.glb",
-    "vase_flowers": "glass_vase_flowers/GlassVaseFlowers.glb",
-    "sheen_cloth": "sheen_cloth/SheenCloth.gltf",
-    "candle_holder": "glass_hurricane_candle_holder/GlassHurricaneCandleHolder.glb",
-    "toy_car": "toy_car/ToyCar.gltf",
-    "metal_rough_spheres": "metal_rough_spheres_no_textures/MetalRoughSpheresNoTextures.glb",
-    "two_sided_plane": "two_sided_plane/TwoSidedPlane.gltf",
-}
 # assets whose round trip is held to Chamfer <= 0.006 voxel and F1@0.5 >= 0.999 at R = 256
 HELD_256 = ("spot", "barrel", "water_bottle", "alpha_blend", "two_sided_plane", "metal_rough_spheres")
 # parts thinner than a voxel at R = 256 (reported, not held): the candle holder's glass wall is ~1
