@@ -743,15 +743,7 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         # per-slab triangle key spaces for (triangle, voxel) pair deduplication: each triangle's voxel
         # bbox (+-1, x clipped to the slab); huge boxes fall back to sorting
         ntl = sel.shape[0]
-        lx = np.maximum(tlo[sel, 0], x0)
-        ly = tlo[sel, 1]
-        lz = tlo[sel, 2]
-        pdz = thi[sel, 2] - lz + 1
-        pdydz = (thi[sel, 1] - ly + 1) * pdz
-        psize = np.maximum(np.minimum(thi[sel, 0], x1 - 1) - lx + 1, 1) * pdydz
-        pbig = psize > _BIG_TRI_CELLS
-        psize = np.where(pbig, 0, psize)
-        pbase = np.cumsum(psize) - psize - lx * pdydz - ly * pdz - lz
+        pdz, pdydz, psize, pbig, pbase = _pair_key_space(tlo[sel], thi[sel], x0, x1)
         any_big = bool(pbig.any())
         # incidences: the 4 voxels around each crossing (owner + {0, e_b, e_c, e_b + e_c})
         inc_key, inc_pk, inc_c, own_blocks = [], [], [], []
@@ -927,6 +919,25 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
                   meta={"encode_stats": stats})
 
 
+def _pair_key_space(lo: np.ndarray, hi: np.ndarray, x0: int, x1: int):
+    """Per-triangle key spaces for (triangle, voxel) pair dedup within slab ``[x0, x1)``.
+
+    ``lo``/``hi``: the triangles' voxel bboxes (±1). Triangle ``t``'s voxel ``(x, y, z)`` gets the key
+    ``pbase[t] + x * pdydz[t] + y * pdz[t] + z``; boxes over ``_BIG_TRI_CELLS`` get no space (``pbig``,
+    sorted instead). Returns ``(pdz, pdydz, psize, pbig, pbase)``.
+    """
+    lx = np.maximum(lo[:, 0], x0)
+    ly = lo[:, 1]
+    lz = lo[:, 2]
+    pdz = hi[:, 2] - lz + 1
+    pdydz = (hi[:, 1] - ly + 1) * pdz
+    psize = np.maximum(np.minimum(hi[:, 0], x1 - 1) - lx + 1, 1) * pdydz
+    pbig = psize > _BIG_TRI_CELLS
+    psize = np.where(pbig, 0, psize)
+    pbase = np.cumsum(psize) - psize - lx * pdydz - ly * pdz - lz
+    return pdz, pdydz, psize, pbig, pbase
+
+
 def _encode_workers(threads: Optional[int], nslab: int, est_crossings: float, spare_bytes: float) -> int:
     """Worker threads for the slab loop: requested (or default) count, capped by slabs and memory."""
     if threads is None:
@@ -1073,15 +1084,7 @@ def triangle_voxel_pairs(vertices: np.ndarray, faces: np.ndarray, resolution: in
         sel = ts_tri[ts_starts[si]:ts_starts[si + 1]]
         if sel.shape[0] == 0:
             continue
-        lx = np.maximum(tlo[sel, 0], x0)
-        ly = tlo[sel, 1]
-        lz = tlo[sel, 2]
-        pdz = thi[sel, 2] - lz + 1
-        pdydz = (thi[sel, 1] - ly + 1) * pdz
-        psize = np.maximum(np.minimum(thi[sel, 0], x1 - 1) - lx + 1, 1) * pdydz
-        pbig = psize > _BIG_TRI_CELLS
-        psize = np.where(pbig, 0, psize)
-        pbase = np.cumsum(psize) - psize - lx * pdydz - ly * pdz - lz
+        pdz, pdydz, psize, pbig, pbase = _pair_key_space(tlo[sel], thi[sel], x0, x1)
         e_tl, e_pk, e_x, e_y, e_z = [], [], [], [], []
         for a in range(3):
             tl, i, j, k, t = _axis_crossings(T0[sel], T1[sel], T2[sel], a, R, x0, x1)
