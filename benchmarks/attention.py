@@ -26,23 +26,7 @@ from backend.modules.sparse.transformer import ModulatedSparseTransformerCrossBl
 from backend.modules.transformer import ModulatedTransformerCrossBlock  # noqa: E402
 from backend.models.sparse_structure_flow import grid_positions  # noqa: E402
 from backend.modules.attention import RotaryPositionEmbedder  # noqa: E402
-
-
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def bench(fn, reps: int, device: torch.device) -> float:
-    """Best (minimum) seconds over ``reps`` runs after one warm-up (the least load-disturbed run
-    on a shared machine)."""
-    fn()
-    return min(_time(fn, device) for _ in range(reps))
+from benchmarks.timing import bench, timed  # noqa: E402
 
 
 def bench_pair(fa, fb, reps: int, device: torch.device) -> tuple[float, float]:
@@ -50,8 +34,8 @@ def bench_pair(fa, fb, reps: int, device: torch.device) -> tuple[float, float]:
     fa(), fb()
     ta, tb = [], []
     for _ in range(reps):
-        ta.append(_time(fa, device))
-        tb.append(_time(fb, device))
+        ta.append(timed(fa, device))
+        tb.append(timed(fb, device))
     return min(ta), min(tb)
 
 

@@ -39,26 +39,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from backend.modules.sparse.conv import build_neighbor_map  # noqa: E402
+from benchmarks.timing import bench  # noqa: E402
 from kernels import attr_sample, mesh_extract, registry, sparse_conv  # noqa: E402
 
 
 #: ``--interpret-smoke``: tiny sizes, Triton rows through the CPU interpreter.
 SMOKE = False
-
-
-def bench(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Best seconds over ``reps`` runs after one warm-up."""
-    fn()
-    best = math.inf
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _with_mode(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
