@@ -5,6 +5,9 @@ with tiny checkpoints stored in the official dtypes: catches dtype mismatches in
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +18,33 @@ from backend.pipelines import load_pipeline
 
 from _pipeline_helpers import object_rgba
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def half_dir(tmp_path_factory):
-    from backend.pipelines.tiny import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny16") / "TRELLIS.2-tiny", seed=0,
-                               official_precision=True)
+    """Written by the command-line entry point ``python -m backend.tiny_checkpoints``."""
+    out = tmp_path_factory.mktemp("tiny16") / "TRELLIS.2-tiny"
+    r = subprocess.run([sys.executable, "-m", "backend.tiny_checkpoints", str(out), "--official-precision"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+    return out
 
 
 def test_tiny_files_carry_official_precision(half_dir):
     from safetensors import safe_open
+
+    from backend.pipelines.tiny import _STEMS
+
+    # the official layout: both pipeline configs, every official stem, the SS decoder, the shape
+    # encoder (texturing) and a DINOv3 folder in the Hugging Face layout
+    assert (half_dir / "pipeline.json").is_file() and (half_dir / "texturing_pipeline.json").is_file()
+    for rel in _STEMS.values():
+        stem = half_dir / "ckpts" / Path(rel).name
+        assert stem.with_suffix(".json").is_file() and stem.with_suffix(".safetensors").is_file(), rel
+    assert (half_dir / "ckpts" / "shape_enc_next_dc_f16c32_fp16.safetensors").is_file()
+    assert (half_dir / "dinov3" / "config.json").is_file() and (half_dir / "dinov3" / "model.safetensors").is_file()
 
     for js in sorted((half_dir / "ckpts").glob("*.json")):
         args = json.loads(js.read_text())["args"]

@@ -149,9 +149,18 @@ def _cmd_texture(args: argparse.Namespace) -> int:
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     from .tiny import write_tiny_pipeline
 
-    path = write_tiny_pipeline(args.folder, seed=args.seed)
+    path = write_tiny_pipeline(args.folder, seed=args.seed, official_precision=args.official_precision)
     print(f"wrote tiny pipeline to {path}")
     return 0
+
+
+def add_make_tiny_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``make-tiny`` (also ``python -m backend.tiny_checkpoints``)."""
+    p.add_argument("folder", help="output folder (created)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--official-precision", action="store_true",
+                   help="bf16 flows / fp16 VAEs in configs and files, as the official checkpoints")
+    p.set_defaults(func=_cmd_make_tiny)
 
 
 def register(subparsers: Any) -> None:
@@ -185,6 +194,4 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_upscale)
 
     p = subparsers.add_parser("make-tiny", help="write tiny random checkpoints in the official layout")
-    p.add_argument("folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_make_tiny)
+    add_make_tiny_args(p)
