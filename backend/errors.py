@@ -7,7 +7,7 @@ Every error a user can cause or fix carries a human-readable message (``str(err)
 
 from __future__ import annotations
 
-__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "Cancelled"]
+__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "NumericalError", "Cancelled"]
 
 
 class Trellis2Error(Exception):
@@ -59,6 +59,17 @@ class OutOfMemory(Trellis2Error, MemoryError):
         super().__init__(message, advice=advice or (
             "Try a lower resolution pipeline (512 or 1024_cascade instead of 1536_cascade), "
             "enable low-VRAM mode, close other GPU applications, or lower the texture size."))
+        self.stage = stage
+
+
+class NumericalError(Trellis2Error):
+    """A model produced NaN/Inf (typically fp16 overflow in a network trained in bf16)."""
+
+    code = "numerical"
+
+    def __init__(self, message: str, *, stage: str | None = None, advice: str | None = None) -> None:
+        super().__init__(message, advice=advice or (
+            "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again."))
         self.stage = stage
 
 

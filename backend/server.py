@@ -130,6 +130,7 @@ class PipelineRunner:
         self.device = getattr(args, "device", "auto") or "auto"
         self.low_vram = bool(getattr(args, "low_vram", False))
         self._pipe: Any = None
+        self._pipe_key: tuple = ()
         self.loaded = False
 
     def describe(self) -> dict[str, Any]:
@@ -145,18 +146,29 @@ class PipelineRunner:
         except Exception:  # noqa: BLE001 - diagnostics only
             return None
 
+    def settings_key(self, m: dict[str, Any]) -> tuple:
+        """What a loaded pipeline depends on: model folders, device, low-VRAM mode, precision."""
+        return (m.get("model_dir") or self.model_dir, m.get("device", self.device), m.get("dinov3_dir") or None,
+                m.get("ss_decoder_dir") or None, bool(m.get("low_vram", self.low_vram)),
+                str(m.get("precision") or "auto"))
+
     def _pipeline(self, ctx: JobContext):
+        """The pipeline for this job's settings; loaded on first use and reloaded (models freed first)
+        when the model folders, device, low-VRAM mode or precision change between jobs."""
+        key = self.settings_key(ctx.msg)
+        model_dir = key[0]
+        if self._pipe is not None and key != self._pipe_key:
+            log.info("pipeline settings changed: reloading the models")
+            self.unload()
         if self._pipe is None:
             from . import pipelines
 
-            model_dir = ctx.msg.get("model_dir") or self.model_dir
             if not model_dir:
                 raise _errors.MissingWeights("No model folder configured (set it in the add-on Preferences).")
             self.server_status(ctx, "loading")
-            self._pipe = pipelines.load_pipeline(model_dir, device=ctx.msg.get("device", self.device),
-                                                 dinov3_dir=ctx.msg.get("dinov3_dir") or None,
-                                                 ss_decoder_dir=ctx.msg.get("ss_decoder_dir") or None,
-                                                 low_vram=bool(ctx.msg.get("low_vram", self.low_vram)))
+            self._pipe = pipelines.load_pipeline(model_dir, device=key[1], dinov3_dir=key[2], ss_decoder_dir=key[3],
+                                                 low_vram=key[4], precision=key[5])
+            self._pipe_key = key
             self.loaded = True
             self.server_status(ctx, "busy")
         return self._pipe
@@ -168,8 +180,12 @@ class PipelineRunner:
     def run(self, ctx: JobContext) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
         pipe = self._pipeline(ctx)
         s = ctx.msg
-        if s.get("max_tokens"):
-            pipe.max_num_tokens = int(s["max_tokens"])
+        from .pipelines.pipeline import MAX_NUM_TOKENS
+
+        max_tokens = int(s.get("max_tokens") or MAX_NUM_TOKENS)
+        if max_tokens < 1024:
+            raise _errors.BadInput(f"max_tokens must be at least 1024, got {max_tokens}.")
+        pipe.max_num_tokens = max_tokens  # per job: a job without it gets the official budget back
         common = {"stage_params": s.get("stage_params") or {}, "progress": ctx.progress, "cancel": ctx.cancel}
         if ctx.kind == "generate":
             res = pipe.generate(_load_image(ctx), pipeline_type=s.get("pipeline_type") or None,
@@ -285,6 +301,8 @@ def classify_error(exc: BaseException) -> tuple[str, str, str | None]:
         return "missing_dependency", msg, "Run 'Check backend' in the add-on Preferences."
     if isinstance(exc, _errors.BadInput):
         return "bad_input", exc.message, exc.advice
+    if isinstance(exc, _errors.NumericalError):
+        return "numerical", exc.message, exc.advice
     if isinstance(exc, _errors.Trellis2Error):
         return "internal", exc.message, exc.advice
     return "internal", f"{name}: {text}" if text else name, "See the backend log for details."

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", nargs="+", default=["512", "1024", "1024_cascade", "1536_cascade"])
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--low-vram", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     ap.add_argument("--texture", action="store_true", help="also time the texture-only pipeline")
     args = ap.parse_args(argv)
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         model = str(write_tiny_pipeline(Path(tmp.name) / "tiny"))
         print(f"tiny checkpoints written in {time.perf_counter() - t:.2f}s")
-    pipe = load_pipeline(model, device=args.device, low_vram=args.low_vram)
+    pipe = load_pipeline(model, device=args.device, low_vram=args.low_vram, precision=args.precision)
     print(f"device {pipe.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     img = _image()
     for pt in args.types:

@@ -61,7 +61,9 @@ def test_tiny_files_carry_official_precision(half_dir):
 def test_gpu_precision_policy_end_to_end_on_cpu(half_dir, monkeypatch):
     image = object_rgba()
     ref = load_pipeline(half_dir, device="cpu").generate(image, "1024_cascade", seed=1)  # fp32 policy
-    monkeypatch.setattr(models, "default_dtype_for", lambda device: None)  # the CUDA policy
+    # the CUDA policy on an Ampere+ GPU: bf16 flows, the VAEs' official fp16
+    monkeypatch.setattr(models, "default_dtype_for", lambda device: None)
+    monkeypatch.setattr("backend.pipelines.pipeline.model_dtypes", lambda precision, device: (None, None))
     pipe = load_pipeline(half_dir, device="cpu")
     res = pipe.generate(image, "1024_cascade", seed=1)
     for key, m in pipe.models.models.items():
@@ -86,3 +88,75 @@ def test_gpu_precision_policy_end_to_end_on_cpu(half_dir, monkeypatch):
                        texture_size=64)
     assert tex.base_color.shape == (64, 64, 4) and tex.coverage > 0
     assert np.isfinite(tex.attrs).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# precision choice (auto / bf16 / fp16 / fp32), NaN guard, server reload on settings change
+# ----------------------------------------------------------------------------------------------
+def test_model_dtypes_policy(monkeypatch):
+    from backend.errors import BadInput
+    from backend.pipelines.pipeline import model_dtypes
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model_dtypes("auto", cpu) == (torch.float32, torch.float32)
+    assert model_dtypes("fp32", cuda) == (torch.float32, torch.float32)
+    assert model_dtypes("bf16", cuda) == (torch.bfloat16, None)        # VAEs keep their official fp16
+    assert model_dtypes("fp16", cpu) == (torch.float16, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert model_dtypes("auto", cuda) == (None, None)                   # official: bf16 flows, fp16 VAEs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert model_dtypes("auto", cuda) == (torch.float16, None)          # Turing: no bf16 tensor cores
+    with pytest.raises(BadInput, match="precision"):
+        model_dtypes("int8", cpu)
+
+
+def test_fp16_precision_runs_and_overflow_is_a_typed_error(half_dir, monkeypatch):
+    from backend.errors import NumericalError
+    from backend.server import classify_error
+
+    pipe = load_pipeline(half_dir, device="cpu", precision="fp16")
+    res = pipe.generate(object_rgba(), "512", seed=1)
+    assert res.coords.shape[0] > 0 and np.isfinite(res.attrs).all()
+    for key, m in pipe.models.models.items():
+        dts = {p.dtype for p in m.parameters()}
+        assert (torch.float16 in dts) == ("flow" in key), (key, dts)  # flows fp16; VAEs fp32 on CPU
+    # an fp16 overflow in a flow (simulated) stops the job with advice instead of a broken mesh
+    flow = pipe.models.get("shape_slat_flow_model_512")
+    monkeypatch.setattr(type(flow), "forward", lambda self, x, *a, **k: x.replace(x.feats * float("inf")))
+    with pytest.raises(NumericalError, match="shape slat.*float16") as ei:
+        pipe.generate(object_rgba(), "512", seed=1)
+    kind, message, advice = classify_error(ei.value)
+    assert kind == "numerical" and "fp32" in advice
+
+
+def test_server_reloads_the_pipeline_when_settings_change(monkeypatch, tmp_path):
+    import argparse
+
+    from backend import pipelines, server
+
+    loads = []
+
+    class FakePipe:
+        max_num_tokens = 0
+
+        def __init__(self, **kw):
+            loads.append(kw)
+            self.unloaded = False
+
+        def unload(self):
+            self.unloaded = True
+
+    monkeypatch.setattr(pipelines, "load_pipeline", lambda model_dir, **kw: FakePipe(model_dir=model_dir, **kw))
+    runner = server.PipelineRunner(argparse.Namespace(model_dir=str(tmp_path), device="cpu", low_vram=False))
+
+    class Ctx:
+        def __init__(self, **msg):
+            self.msg = msg
+            self.server = type("S", (), {"send_status": lambda self, state=None, **k: None})()
+
+    first = runner._pipeline(Ctx())
+    assert runner._pipeline(Ctx(precision="auto")) is first and len(loads) == 1
+    second = runner._pipeline(Ctx(precision="fp32"))
+    assert first.unloaded and second is not first and loads[-1]["precision"] == "fp32"
+    runner._pipeline(Ctx(precision="fp32", low_vram=True))
+    assert len(loads) == 3 and loads[-1]["low_vram"] is True

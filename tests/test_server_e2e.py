@@ -497,7 +497,7 @@ def test_pipeline_runner_maps_requests_onto_the_pipelines_api(tmp_path):
     store = J.JobStore(tmp_path)
     server = pytypes.SimpleNamespace(send=sent.append, send_status=lambda *a, **k: None, store=store)
     runner = S.PipelineRunner(argparse.Namespace(model_dir=str(tmp_path), device="cpu", low_vram=False))
-    runner._pipe = StubPipe()
+    runner._pipe, runner._pipe_key = StubPipe(), runner.settings_key({})
     img = tmp_path / "i.png"
     Image.new("RGBA", (8, 6)).save(img)
 
@@ -507,16 +507,17 @@ def test_pipeline_runner_maps_requests_onto_the_pipelines_api(tmp_path):
         return S.JobContext(server, msg, job)
 
     kind, meta, arrays = runner.run(ctx({"type": "generate", "job": "g1", "seed": 9, "pipeline_type": "512",
-                                         "stage_params": {"shape_slat": {"steps": 3}}, "max_tokens": 1000}))
+                                         "stage_params": {"shape_slat": {"steps": 3}}, "max_tokens": 2000}))
     assert kind == "mesh" and meta["seed"] == 9 and arrays["faces"].dtype == np.int32
     assert calls[0][0] == "generate" and calls[0][1] == (8, 6)
     assert calls[0][2]["seed"] == 9 and calls[0][2]["pipeline_type"] == "512" and calls[0][2]["preprocess"] is True
-    assert calls[0][2]["stage_params"] == {"shape_slat": {"steps": 3}} and runner._pipe.max_num_tokens == 1000
+    assert calls[0][2]["stage_params"] == {"shape_slat": {"steps": 3}} and runner._pipe.max_num_tokens == 2000
     assert calls[1] == ("save", "generate", "state")
     assert sent[0]["type"] == "progress" and sent[0]["stage"] == "sparse_structure" and sent[0]["elapsed_s"] == 0.5
     with pytest.raises(Exception) as info:                       # upscale of a job without a saved state
         runner.run(ctx({"type": "upscale", "job": "u1", "source_job": "g1"}))
     assert S.classify_error(info.value)[0] == "bad_input"
+    assert runner._pipe.max_num_tokens == 49152                  # a job without max_tokens: official budget
     with pytest.raises(Exception) as info:
         runner.run(ctx({"type": "upscale", "job": "u2", "source_job": "nope"}))
     assert S.classify_error(info.value)[0] == "bad_input"

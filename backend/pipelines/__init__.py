@@ -215,7 +215,7 @@ class TextureResult:
 def load_pipeline(model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike | None = None,
                   ss_decoder_dir: str | os.PathLike | None = None, device: str = "auto",
                   low_vram: bool = False, texturing_only: bool = False,
-                  background_remover: Any | None = None) -> "Trellis2Pipelines":
+                  background_remover: Any | None = None, precision: str = "auto") -> "Trellis2Pipelines":
     """Open a pipeline folder in the official Hugging Face layout (models load lazily).
 
     Args:
@@ -226,6 +226,9 @@ def load_pipeline(model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike
             default: ``<model_dir>/ckpts`` then ``<model_dir>/../TRELLIS-image-large/ckpts``.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``…
         low_vram: keep only the running stage's model on the GPU.
+        precision: ``auto`` | ``bf16`` | ``fp16`` | ``fp32`` — the flow transformers' compute dtype
+            (``auto``: official bf16 on Ampere+ GPUs, fp16 on older NVIDIA GPUs, fp32 on CPU; see
+            :func:`~backend.pipelines.pipeline.model_dtypes`).
         texturing_only: check only what ``texturing_pipeline.json`` needs.
         background_remover: optional callable ``(PIL RGB image) -> PIL L mask`` (model-based remover).
 
@@ -237,4 +240,4 @@ def load_pipeline(model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike
 
     return Trellis2Pipelines.open(model_dir, dinov3_dir=dinov3_dir, ss_decoder_dir=ss_decoder_dir,
                                   device=device, low_vram=low_vram, texturing_only=texturing_only,
-                                  background_remover=background_remover)
+                                  background_remover=background_remover, precision=precision)

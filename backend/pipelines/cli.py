@@ -28,6 +28,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ss-decoder-dir", help="folder with ss_dec_conv3d_16l8_fp16.json/.safetensors (TRELLIS v1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--low-vram", action="store_true", help="keep only the running stage's model on the GPU")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="flow transformers' dtype (auto: bf16 on RTX 30xx/A100+, fp16 on older GPUs, fp32 on CPU)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cascade token budget (official 49152; lower uses less VRAM, steps the 1536 grid down)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--texture-size", type=int, default=2048)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -63,8 +67,16 @@ def _progress(quiet: bool):
 def _open(args: argparse.Namespace, texturing_only: bool = False):
     from . import load_pipeline
 
-    return load_pipeline(args.model_dir, dinov3_dir=args.dinov3_dir, ss_decoder_dir=args.ss_decoder_dir,
-                         device=args.device, low_vram=args.low_vram, texturing_only=texturing_only)
+    from ..errors import BadInput
+
+    if args.max_tokens is not None and args.max_tokens < 1024:
+        raise BadInput(f"--max-tokens must be at least 1024, got {args.max_tokens}")
+    pipe = load_pipeline(args.model_dir, dinov3_dir=args.dinov3_dir, ss_decoder_dir=args.ss_decoder_dir,
+                         device=args.device, low_vram=args.low_vram, texturing_only=texturing_only,
+                         precision=args.precision)
+    if args.max_tokens:
+        pipe.max_num_tokens = args.max_tokens
+    return pipe
 
 
 def _run(fn) -> int:

@@ -36,16 +36,49 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
-from ..errors import BadInput, Cancelled, MissingWeights, OutOfMemory
+from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
 from .loader import DINOV3_KEY, ModelManager, PipelineConfig, resolve_device
 from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_image
 from .sampler import FlowEulerGuidanceIntervalSampler, SamplerParams, sampler_from_config
 
-__all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "fdg_head", "quantize_coords"]
+__all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", "fdg_head", "quantize_coords"]
 
 MAX_NUM_TOKENS = 49152
+#: ``precision`` values: the flow transformers' compute dtype (see :func:`model_dtypes`)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 log = logging.getLogger(__name__)
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """CUDA device with native bf16 tensor cores (compute capability ≥ 8.0: Ampere and newer)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def model_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """``(flows, VAEs)`` dtype for :func:`~backend.models.from_pretrained` (None: its device policy).
+
+    * ``auto``: the official dtypes (bf16 flows, fp16 SC-VAEs) on CUDA GPUs with native bf16; fp16
+      flows on older NVIDIA GPUs (Turing/Pascal have no bf16 tensor cores); fp32 on CPU.
+    * ``bf16`` / ``fp16``: that dtype for the flows; the SC-VAEs keep their official fp16 on GPU.
+    * ``fp32``: every model in fp32 (most memory, slowest; never overflows).
+    """
+    if precision not in PRECISIONS:
+        raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return torch.float32, torch.float32
+    if precision == "auto":
+        return (None if device.type != "cuda" or _native_bf16(device) else torch.float16), None
+    return (torch.bfloat16 if precision == "bf16" else torch.float16), None
+
+
+def _check_finite(x: torch.Tensor | SparseTensor, stage: str, model: torch.nn.Module) -> None:
+    """Raise :class:`NumericalError` when a stage's output holds NaN/Inf (one reduction)."""
+    t = x.feats if isinstance(x, SparseTensor) else x
+    if not bool(torch.isfinite(t).all()):
+        dtype = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), torch.float32)
+        raise NumericalError(f"The {stage} model produced NaN/Inf values (computing in "
+                             f"{str(dtype).removeprefix('torch.')}).", stage=stage)
 PBR_LAYOUT = {"base_color": slice(0, 3), "metallic": slice(3, 4), "roughness": slice(4, 5), "alpha": slice(5, 6)}
 
 
@@ -130,14 +163,17 @@ class Trellis2Pipelines:
     """Image→3D, texture-only and upscale pipelines over one model folder (see :func:`load_pipeline`)."""
 
     def __init__(self, config: PipelineConfig, device: torch.device, low_vram: bool,
-                 background_remover: BackgroundRemover | None = None) -> None:
+                 background_remover: BackgroundRemover | None = None, precision: str = "auto") -> None:
         self.config = config
         self.device = device
         self.low_vram = low_vram
+        self.precision = precision
+        self._dtypes = model_dtypes(precision, device)
         self.background_remover = background_remover
         self.scale = config.resolution_scale
         loaders: dict[str, Callable[[torch.device], torch.nn.Module]] = {
-            key: (lambda dev, p=path: self._load_checkpoint(p, dev)) for key, path in config.checkpoints.items()}
+            key: (lambda dev, k=key, p=path: self._load_checkpoint(p, dev, self._dtypes[0 if "flow" in k else 1]))
+            for key, path in config.checkpoints.items()}
         if config.dinov3_dir is not None:
             loaders[DINOV3_KEY] = lambda dev: self._load_dinov3(config.dinov3_dir, dev)  # type: ignore[arg-type]
         self.models = ModelManager(loaders, device, low_vram)
@@ -155,17 +191,18 @@ class Trellis2Pipelines:
     @classmethod
     def open(cls, model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike | None = None,
              ss_decoder_dir: str | os.PathLike | None = None, device: str = "auto", low_vram: bool = False,
-             texturing_only: bool = False, background_remover: BackgroundRemover | None = None
-             ) -> "Trellis2Pipelines":
+             texturing_only: bool = False, background_remover: BackgroundRemover | None = None,
+             precision: str = "auto") -> "Trellis2Pipelines":
         cfg = PipelineConfig.open(model_dir, dinov3_dir=dinov3_dir, ss_decoder_dir=ss_decoder_dir,
                                   texturing_only=texturing_only)
-        return cls(cfg, resolve_device(device), low_vram, background_remover)
+        return cls(cfg, resolve_device(device), low_vram, background_remover, precision)
 
-    def _load_checkpoint(self, stem: Path, device: torch.device) -> torch.nn.Module:
+    def _load_checkpoint(self, stem: Path, device: torch.device, dtype: torch.dtype | None = None
+                         ) -> torch.nn.Module:
         from ..models import CheckpointError, from_pretrained
 
         try:
-            return from_pretrained(stem, device=device)
+            return from_pretrained(stem, device=device, dtype=dtype)
         except CheckpointError as e:
             raise MissingWeights(f"The checkpoint {stem}.safetensors cannot be used: {e}",
                                  missing=[f"{stem}.safetensors"],
@@ -216,6 +253,7 @@ class Trellis2Pipelines:
             noise = self._randn(gen, 1, flow.in_channels, flow.resolution, flow.resolution, flow.resolution)
             with self.models.use("sparse_structure_flow_model") as flow:
                 z = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback)
+                _check_finite(z, "sparse structure", flow)
             with self.models.use("sparse_structure_decoder") as dec:
                 occ = dec(z.to(next(dec.parameters()).dtype)) > 0
             del z
@@ -259,6 +297,7 @@ class Trellis2Pipelines:
             noise = SparseTensor(self._randn(gen, coords.shape[0], flow.in_channels), coords.to(self.device))
             with self.models.use(model_key) as flow:
                 slat = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback)
+                _check_finite(slat, stage.replace("_", " "), flow)
             return self._denorm(slat, "shape_slat_normalization")
 
     @torch.no_grad()
@@ -302,6 +341,7 @@ class Trellis2Pipelines:
             with self.models.use(model_key) as flow:
                 slat = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback,
                                       concat_cond=shape_n)
+                _check_finite(slat, "material", flow)
             return self._denorm(slat, "tex_slat_normalization")
 
     @torch.no_grad()
