@@ -215,8 +215,11 @@ def test_cli_generate_and_no_partial_output(tiny_dir, tmp_path):
                "--texture-size", "64", "--device", "cpu", "-q", "--save-job", str(tmp_path / "job")])
     assert rc == 0 and out.is_file() and (tmp_path / "job" / "job.json").is_file()
     rc = main(["upscale", str(tmp_path / "job"), "-o", str(tmp_path / "up.glb"), "--model", str(tiny_dir),
-               "--texture-size", "32", "--device", "cpu", "-q"])
+               "--texture-size", "32", "--device", "cpu", "-q", "--precision", "fp32", "--max-tokens", "4096"])
     assert rc == 0 and (tmp_path / "up.glb").is_file()
+    rc = main(["upscale", str(tmp_path / "job"), "-o", str(tmp_path / "never.glb"), "--model", str(tiny_dir),
+               "--device", "cpu", "-q", "--max-tokens", "100"])
+    assert rc == 1 and not (tmp_path / "never.glb").exists()     # budget below 1024: clear error, no file
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG garbage")
     rc = main(["generate", str(bad), "-o", str(tmp_path / "never.glb"), "--model", str(tiny_dir), "--device", "cpu",
