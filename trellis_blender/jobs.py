@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ERROR_HINTS = {
-    "oom": "Out of GPU memory: try the 1024 cascade, Low VRAM, or a smaller texture size.",
+    "oom": "Out of GPU memory: try the 1024 cascade, Low VRAM, a lower Max Tokens, or a smaller texture size.",
+    "numerical": "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again.",
     "missing_dependency": "The backend environment lacks a package: run Check Backend in Preferences.",
     "missing_weights": "Model weights not found: check the model folders in Preferences.",
     "bad_input": "Check the input image / mesh.",

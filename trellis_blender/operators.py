@@ -28,7 +28,7 @@ from typing import Optional
 
 import bpy
 import numpy as np
-from bpy.props import EnumProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from . import jobs, materials, mesh_import, runtime
@@ -94,10 +94,13 @@ def sync_state(wm=None) -> None:
         set_error(wm, m.crash_message, jobs.ERROR_HINTS["crashed"])
 
 
-def set_error(wm, message: str, hint: str = "") -> None:
+def set_error(wm, message: str, hint: str = "", kind: str = "", job: str = "") -> None:
+    """Show an error in the panel; ``kind``/``job`` (a failed job's) enable the error's fix action."""
     st = wm.trellis2
     st.error = message[:1000]
     st.error_hint = hint[:300]
+    st.error_kind = kind
+    st.error_job = job
 
 
 def _tag_redraw() -> None:
@@ -129,7 +132,7 @@ def _job_timer():
                 else:
                     bpy.ops.trellis.apply_result("EXEC_DEFAULT", True, job=rec.job_id)
             elif rec.status == "failed":
-                set_error(bpy.context.window_manager, rec.error, rec.advice)
+                set_error(bpy.context.window_manager, rec.error, rec.advice, rec.error_kind, rec.job_id)
             refresh_history(bpy.context.window_manager)
     sync_state()
     _tag_redraw()
@@ -209,8 +212,11 @@ def stage_params(settings) -> dict:
 
 
 def _common_request(context) -> dict:
+    """The per-job fields every request carries (generate, texture, upscale, re-run, retry): the one
+    place they are built from the preferences."""
     prefs = get_prefs(context)
-    req = {"device": prefs.device.lower(), "low_vram": bool(prefs.low_vram)}
+    req = {"device": prefs.device.lower(), "low_vram": bool(prefs.low_vram),
+           "precision": prefs.precision.lower(), "max_tokens": int(prefs.max_tokens)}
     if prefs.model_dir:
         req["model_dir"] = bpy.path.abspath(prefs.model_dir)
     if prefs.dinov3_dir:
@@ -382,8 +388,8 @@ def apply_record(context, rec: jobs.JobRecord):
 class _JobOperator:
     """Shared submit/block/report logic of the three job operators."""
 
-    def fail(self, context, message: str, hint: str = "") -> set:
-        set_error(context.window_manager, message, hint)
+    def fail(self, context, message: str, hint: str = "", kind: str = "", job: str = "") -> set:
+        set_error(context.window_manager, message, hint, kind, job)
         # ERROR reports raise in scripted calls; batch scripts get CANCELLED plus a warning instead.
         self.report({"WARNING"} if bpy.app.background else {"ERROR"}, message)
         if bpy.app.background:
@@ -406,7 +412,8 @@ class _JobOperator:
         for rec in recs:
             m.wait(rec, timeout=JOB_TIMEOUT_S)
             if rec.status != "done":
-                self.fail(context, rec.error or f"Job {rec.job_id} {rec.status}", rec.advice)
+                self.fail(context, rec.error or f"Job {rec.job_id} {rec.status}", rec.advice,
+                          rec.error_kind, rec.job_id)
                 continue
             try:
                 apply_record(context, rec)
@@ -709,6 +716,58 @@ class TRELLIS_OT_randomize_seed(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def retryable_job(context) -> Optional[jobs.JobRecord]:
+    """The failed job the panel's error belongs to, when it can be sent again as it was
+    (generate / upscale: their requests are kept whole; texture requests drop their mesh arrays)."""
+    st = context.window_manager.trellis2
+    m = runtime.manager
+    rec = m.jobs.get(st.error_job) if (m is not None and st.error_job) else None
+    if rec is None or rec.status != "failed" or rec.kind not in ("generate", "upscale"):
+        return None
+    if rec.kind == "upscale" and bpy.data.objects.get(rec.extra.get("object", "")) is None:
+        return None
+    return rec
+
+
+class TRELLIS_OT_use_fp32(_JobOperator, bpy.types.Operator):
+    """Set Precision to fp32 in the preferences (never overflows to NaN/Inf; more VRAM, slower) and,
+    with Retry, run the failed job again with it"""
+
+    bl_idname = "trellis.use_fp32"
+    bl_label = "Use FP32"
+    bl_options = {"UNDO"}  # a retry imports its result like the job operators do
+
+    retry: BoolProperty(name="Retry", default=False, options={"SKIP_SAVE"},
+                       description="Run the failed job again with fp32")
+
+    @classmethod
+    def description(cls, context, properties):
+        if properties.retry:
+            return "Set Precision to fp32 in the preferences and run the failed job again"
+        return "Set Precision to fp32 in the preferences (never overflows; about 2× the VRAM, slower)"
+
+    def execute(self, context):
+        prefs = get_prefs(context)
+        rec = retryable_job(context) if self.retry else None
+        prefs.precision = "FP32"
+        set_error(context.window_manager, "", "")
+        if not self.retry:
+            self.report({"INFO"}, "Precision set to fp32; run the job again")
+            return {"FINISHED"}
+        if rec is None:
+            self.report({"WARNING"}, "Precision set to fp32; the failed job cannot be re-sent: run it again")
+            return {"FINISHED"}
+        if job_running():
+            return self.fail(context, "A TRELLIS job is running (cancel it first)")
+        request = {k: v for k, v in rec.request.items() if k not in ("type", "job")}
+        request.update(_common_request(context))
+        try:
+            new = self.submit(context, rec.kind, request, dict(rec.extra))
+        except Exception as exc:
+            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
+        return self.finish(context, [new])
+
+
 class TRELLIS_OT_clear_error(bpy.types.Operator):
     """Dismiss the error message"""
 
@@ -885,7 +944,7 @@ class TRELLIS_OT_history_open_folder(bpy.types.Operator):
 
 CLASSES = (
     TRELLIS_OT_generate, TRELLIS_OT_texture_selected, TRELLIS_OT_upscale, TRELLIS_OT_apply_result,
-    TRELLIS_OT_cancel, TRELLIS_OT_backend, TRELLIS_OT_randomize_seed, TRELLIS_OT_clear_error,
+    TRELLIS_OT_cancel, TRELLIS_OT_backend, TRELLIS_OT_randomize_seed, TRELLIS_OT_use_fp32, TRELLIS_OT_clear_error,
     TRELLIS_OT_import_ovoxel, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,
     TRELLIS_OT_history_rerun, TRELLIS_OT_history_open_folder,
 )

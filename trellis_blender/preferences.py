@@ -16,6 +16,14 @@ from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from . import runtime, tasks
 
 ADDON = __package__
+PRECISIONS = (
+    ("AUTO", "Auto", "bf16 (official) on NVIDIA RTX 30xx / A100 or newer (compute capability 8.0+), "
+                     "fp16 on older NVIDIA GPUs (GTX 10xx / RTX 20xx have no bf16), fp32 on the CPU"),
+    ("BF16", "bf16", "bfloat16: what the model was trained in; needs an RTX 30xx / A100 or newer"),
+    ("FP16", "fp16", "float16: for older GPUs; may overflow (NaN/Inf) in some images"),
+    ("FP32", "fp32", "float32: never overflows, but needs about 2× the VRAM of the flow models and is slower"),
+)
+MAX_TOKENS_DEFAULT = 49152  # the official cascade token budget
 
 
 def get_prefs(context=None) -> "TRELLIS_AddonPreferences":
@@ -103,6 +111,14 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
     low_vram: BoolProperty(
         name="Low VRAM", default=False,
         description="Keep only the running model on the GPU (slower, fits 16 GB cards)")
+    precision: EnumProperty(
+        name="Precision", default="AUTO", items=PRECISIONS,
+        description="Compute dtype of the flow transformers (changing it reloads the models before the next job)")
+    max_tokens: IntProperty(
+        name="Max Tokens", default=MAX_TOKENS_DEFAULT, min=1024, max=262144, step=4096,
+        description="Token budget of the 1024/1536 cascades (official 49152). Lower needs less VRAM: "
+                    "1536 steps its grid down (1408, 1280, … 1024) until it fits. Shape stage, roughly: "
+                    "49152 ≈ 9 GB, 32768 ≈ 7 GB, 24576 ≈ 6 GB")
     cache_dir: StringProperty(
         name="Cache folder", subtype="DIR_PATH",
         description="Job folders (inputs, latents, results, logs); empty: the extension's user folder")
@@ -172,6 +188,8 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         box.label(text="Runtime", icon="PREFERENCES")
         box.prop(self, "device")
         box.prop(self, "low_vram")
+        box.prop(self, "precision")
+        box.prop(self, "max_tokens")
         box.prop(self, "idle_unload_minutes")
         box.prop(self, "cache_dir")
 

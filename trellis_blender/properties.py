@@ -74,6 +74,8 @@ class TRELLIS_PG_state(bpy.types.PropertyGroup):
     progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR")
     error: StringProperty(name="Error")
     error_hint: StringProperty(name="Hint")
+    error_kind: StringProperty(name="Error Kind", description="The backend's error kind (oom, numerical, …)")
+    error_job: StringProperty(name="Failed Job", description="The job the error belongs to")
     log_path: StringProperty(name="Log", subtype="FILE_PATH")
     last_duration: FloatProperty(name="Last Duration")
     history: CollectionProperty(type=TRELLIS_PG_history_item)

@@ -35,6 +35,22 @@ def _backend_python_set(context) -> bool:
     return bool(get_prefs(context).backend_python)
 
 
+def _draw_numerical_fix(layout, context) -> None:
+    """The NaN/Inf error's one-click fix: fp32 (and run the failed job again when it can be re-sent)."""
+    from .operators import retryable_job
+    from .preferences import get_prefs
+
+    prefs = get_prefs(context)
+    if prefs.precision == "FP32":
+        layout.label(text="Precision is already fp32: see the log", icon="INFO")
+        return
+    row = layout.row(align=True)
+    if retryable_job(context) is not None:
+        op = row.operator("trellis.use_fp32", text="Use FP32 and Retry", icon="FILE_REFRESH")
+        op.retry = True
+    row.operator("trellis.use_fp32", text="Use FP32", icon="PREFERENCES")
+
+
 class TRELLIS_PT_main(bpy.types.Panel):
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
@@ -72,6 +88,8 @@ class TRELLIS_PT_main(bpy.types.Panel):
             col.label(text=st.error[:120], icon="ERROR")
             if st.error_hint:
                 col.label(text=st.error_hint[:120])
+            if st.error_kind == "numerical":
+                _draw_numerical_fix(err, context)
             row = err.row(align=True)
             if st.log_path:
                 op = row.operator("trellis.open_path", text="Open Log", icon="TEXT")
