@@ -442,3 +442,54 @@ def test_parallel_slabs_give_identical_result(monkeypatch):
         ox.encode_shape(v, f, 64, threads=0)
     assert E._encode_workers(8, 100, 1e6, spare_bytes=0) == 1
     assert E._encode_workers(8, 3, 1e6, spare_bytes=1 << 40) == 3
+
+
+def test_fill_small_holes_closes_short_loops_with_consistent_winding():
+    from backend.ovoxel.meshutil import edge_stats, signed_volume
+
+    v, f = uv_sphere(0.3, 24, 48)
+    assert ox.fill_small_holes(v, f, 0.03) == (v, f)              # closed: untouched, same objects
+    vol = signed_volume(v, f)
+    keep = np.ones(len(f), bool)
+    keep[np.random.default_rng(0).choice(len(f), 30, replace=False)] = False
+    fh = f[keep]
+    holes = edge_stats(fh)["boundary"]
+    v2, f2 = ox.fill_small_holes(v, fh, 0.5)
+    st = edge_stats(f2)
+    assert st["inconsistent"] == 0 and st["nonmanifold"] == 0
+    assert 0 <= st["boundary"] < holes / 5                         # loops through a shared vertex stay open
+    assert len(v2) - len(v) == (len(f2) - len(fh)) // 3 > 0 or len(f2) > len(fh)
+    assert np.array_equal(v2[:len(v)], v) and np.array_equal(f2[:len(fh)], fh)   # additions only
+    assert abs(signed_volume(v2, f2) - vol) < 0.01 * vol
+    assert ox.fill_small_holes(v, fh, 1e-6)[1] is fh               # nothing that short
+    # a big opening (open cylinder rims, perimeter 2·π·0.3 ≈ 1.9) is closed only when asked for
+    cv, cf = open_cylinder(0.3, 0.6, 24, 6)
+    assert ox.fill_small_holes(cv, cf, 0.03)[1] is cf
+    cv2, cf2 = ox.fill_small_holes(cv, cf, 2.0)
+    assert edge_stats(cf2)["boundary"] == 0 and len(cv2) == len(cv) + 2
+    assert edge_stats(cf2)["inconsistent"] == 0
+
+
+def test_pipeline_mesh_extraction_paths_agree_and_fill_holes(golden_dir):
+    """The CUDA path (kernels.extract_mesh, run here on CPU tensors) gives the codec's mesh; the
+    pipeline's hole filling only adds faces."""
+    import torch
+
+    from backend.ovoxel.meshutil import edge_stats
+    from backend.pipelines.pipeline import extract_mesh_on, fdg_to_mesh
+
+    v, f = uv_sphere(0.37, 16, 32)
+    ov = ox.encode_shape(v, f, 48)
+    keep = np.ones(len(ov.coords), bool)
+    keep[::97] = False                                                # knock out voxels: holes
+    c, d, x = ov.coords[keep], ov.dual_vertices[keep], ov.intersected[keep]
+    g = np.random.default_rng(1).random((len(c), 1)).astype(np.float32)
+    ref_v, ref_f = ox.decode_mesh(c, d, x, g, resolution=48)
+    kv, kf = extract_mesh_on(torch.device("cpu"), c, d, x, g, 48)
+    np.testing.assert_array_equal(kf, ref_f)
+    np.testing.assert_allclose(kv, ref_v, atol=1e-6)
+    pv, pf = fdg_to_mesh(c, d, x, g, 48, fill_holes=0.0)
+    np.testing.assert_array_equal(pf, ref_f)
+    hv, hf = fdg_to_mesh(c, d, x, g, 48, fill_holes=0.3)   # 0.03 (official) is ~1.4 voxels at R=48
+    assert np.array_equal(hf[:len(pf)], pf) and len(hf) > len(pf)
+    assert edge_stats(hf)["boundary"] < edge_stats(pf)["boundary"]

@@ -62,7 +62,8 @@ Sparse grid helpers
     :func:`triangle_voxel_pairs` (the scan-line (triangle, voxel) pairs every per-voxel bake uses).
 Procedural meshes and checks (tests, benchmarks, add-on self-tests)
     ``backend.ovoxel.shapes`` (uv_sphere, torus, box, open_cylinder), ``backend.ovoxel.meshutil``
-    (edge_stats, signed_volume, sample_surface).
+    (edge_stats, signed_volume, sample_surface); :func:`fill_small_holes` (the official post-decode
+    hole filling).
 Command line
     ``trellis2 ovoxel encode MESH -r R -o OUT.npz`` / ``decode IN.npz -o OUT.glb|.ply|.obj`` / ``info``.
 Files
@@ -92,6 +93,7 @@ from .encode import encode_mesh, encode_shape, normalize_vertices, prepare_mesh,
 from .decode import decode_mesh, decode_ovoxel, flexible_dual_grid_to_mesh
 from .pbr import AttributeSampler, sample_attributes, voxelize_pbr
 from .io import load, load_npz, load_vxz, save, save_npz, save_vxz
+from .meshutil import fill_small_holes
 
 __all__ = [
     "ATTR_CHANNELS", "ATTR_LAYOUT", "DEFAULT_AABB", "FORMAT_VERSION",
@@ -102,4 +104,5 @@ __all__ = [
     "decode_mesh", "decode_ovoxel", "flexible_dual_grid_to_mesh",
     "voxelize_pbr", "sample_attributes", "AttributeSampler",
     "save_npz", "load_npz", "save_vxz", "load_vxz", "save", "load",
+    "fill_small_holes",
 ]

@@ -374,7 +374,7 @@ class Trellis2Pipelines:
                    "attrs": attrs.cpu().numpy().astype(np.float32)}
         with run.stage_ctx("mesh"):
             verts, faces = fdg_to_mesh(out["coords"], out["dual_vertices"], out["intersected"],
-                                       out["split_weight"], res)
+                                       out["split_weight"], res, device=self.device)
             out["vertices"], out["faces"] = verts, faces
         return out
 
@@ -530,16 +530,40 @@ def _as_rgb(image: Any) -> Image.Image:
     return load_image(image).convert("RGB")
 
 
+def extract_mesh_on(device: torch.device, coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.ndarray,
+                    split_weight: np.ndarray, res: int) -> tuple[np.ndarray, np.ndarray]:
+    """The codec's clean-mode mesh extraction run by ``kernels.extract_mesh`` on ``device``."""
+    import kernels
+
+    vt, ft = kernels.extract_mesh(torch.as_tensor(coords, device=device), torch.as_tensor(dual_vertices, device=device),
+                                  torch.as_tensor(intersected, device=device),
+                                  torch.as_tensor(split_weight, device=device), resolution=res)
+    return vt.cpu().numpy(), ft.cpu().numpy()
+
+
+#: Official hole filling after decoding: boundary loops shorter than this (unit-cube units) are closed.
+HOLE_PERIMETER = 0.03
+
+
 def fdg_to_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.ndarray, split_weight: np.ndarray,
-                res: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flexible-dual-grid mesh extraction through the O-Voxel codec (float32 vertices, int32 faces).
+                res: int, device: torch.device | str | None = None, fill_holes: float = HOLE_PERIMETER
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Flexible-dual-grid mesh extraction (float32 vertices, int32 faces), then the official hole filling.
 
     Official quads and γ split rule; the codec's clean mode additionally orients the faces
-    consistently outward and drops vertices that no face uses. Vertices are clipped to
-    ``[-0.5, 0.5]³`` (the decoder's dual vertices may lie up to half a voxel outside the grid).
+    consistently outward and drops vertices that no face uses. On a CUDA ``device`` the extraction
+    runs in ``kernels.extract_mesh`` (same faces as the codec), elsewhere in the numpy codec (the
+    faster of the two on a CPU). Boundary loops shorter than ``fill_holes`` are closed as the official
+    ``Mesh.fill_holes`` does (0 disables). Vertices are clipped to ``[-0.5, 0.5]³`` (the decoder's
+    dual vertices may lie up to half a voxel outside the grid).
     """
     from .. import ovoxel
 
-    v, f = ovoxel.decode_mesh(coords, dual_vertices, intersected, split_weight, resolution=res)
+    if device is not None and torch.device(device).type == "cuda":
+        v, f = extract_mesh_on(torch.device(device), coords, dual_vertices, intersected, split_weight, res)
+    else:
+        v, f = ovoxel.decode_mesh(coords, dual_vertices, intersected, split_weight, resolution=res)
+    if fill_holes > 0:
+        v, f = ovoxel.fill_small_holes(v, f, fill_holes)
     # decoder dual vertices may sit up to half a voxel outside the grid: keep the mesh in the unit cube
     return np.clip(np.asarray(v, np.float32), -0.5, 0.5), np.asarray(f, np.int32)
