@@ -180,7 +180,13 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
                 box.progress(factor=task.fraction, type="BAR", text=task.status_text())
             else:
                 box.label(text=task.status_text(), icon="CHECKMARK" if task.ok else "ERROR")
+                if not task.ok:
+                    for line in task.log_tail(3).splitlines()[-2:]:
+                        box.label(text=line[:150])
             box.operator("trellis.open_path", text="Open download log", icon="TEXT").path = str(task.log_path)
+        else:
+            box.label(text="DINOv3 is gated: accept its licence on huggingface.co and run 'hf auth login' first "
+                           "(about 18 GB in all)", icon="INFO")
         if not online:
             box.label(text="Downloads need Online Access (Preferences › System › Network)", icon="INFO")
 
@@ -279,7 +285,8 @@ class TRELLIS_OT_check_backend(bpy.types.Operator):
 
 
 class TRELLIS_OT_download_models(bpy.types.Operator):
-    """Download TRELLIS.2-4B, the sparse-structure decoder and DINOv3 with the backend's Python"""
+    """Download DINOv3 (gated: first, so a missing licence acceptance fails fast), the sparse-structure
+    decoder and TRELLIS.2-4B with the backend's Python"""
 
     bl_idname = "trellis.download_models"
     bl_label = "Download Models"

@@ -381,11 +381,30 @@ def _model_folder_status(path: str, kind: str) -> tuple[str, str]:
 # --- model downloads (only when Blender's online access is on and the user asked) -------------------
 
 DOWNLOADS: tuple[tuple[str, str, Optional[list]], ...] = (
-    # (Hugging Face repo, folder name next to the TRELLIS.2 snapshot, allow_patterns)
-    ("microsoft/TRELLIS.2-4B", "TRELLIS.2-4B", None),
-    ("microsoft/TRELLIS-image-large", "TRELLIS-image-large", ["ckpts/ss_dec_conv3d_16l8_fp16.*"]),
+    # (Hugging Face repo, folder name next to the TRELLIS.2 snapshot, allow_patterns). The gated DINOv3
+    # comes first: a missing licence acceptance / login fails in seconds, not after the 16 GB model.
     ("facebook/dinov3-vitl16-pretrain-lvd1689m", "dinov3-vitl16-pretrain-lvd1689m", None),
+    ("microsoft/TRELLIS-image-large", "TRELLIS-image-large", ["ckpts/ss_dec_conv3d_16l8_fp16.*"]),
+    ("microsoft/TRELLIS.2-4B", "TRELLIS.2-4B", None),
 )
+
+# One download step, run by the backend's Python: ``python -c CODE REPO FOLDER PATTERNS_JSON``. A gated
+# or unauthorised repository ends with an explanation of what to do (exit code 3), not a traceback.
+_DOWNLOAD_CODE = """\
+import json, sys
+from huggingface_hub import snapshot_download
+repo, folder, patterns = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+try:
+    snapshot_download(repo, local_dir=folder, allow_patterns=patterns)
+except Exception as e:
+    text = f"{type(e).__name__}: {e}"
+    if type(e).__name__ in ("GatedRepoError", "RepositoryNotFoundError") or " 401" in text or " 403" in text:
+        sys.stderr.write(f"\\n{repo} is a gated repository (or needs a login): open https://huggingface.co/{repo} , "
+                         "accept its licence, log in with `hf auth login` (or set HF_TOKEN), then press "
+                         f"Download Models again.\\n({text.splitlines()[0]})\\n")
+        sys.exit(3)
+    raise
+"""
 
 
 def download_task(python: str, models_root: str, log_path: Path) -> ProcessTask:
@@ -397,9 +416,7 @@ def download_task(python: str, models_root: str, log_path: Path) -> ProcessTask:
     """
     steps, titles = [], []
     for repo, folder, patterns in DOWNLOADS:
-        code = ("import sys,json;from huggingface_hub import snapshot_download;"
-                "snapshot_download(sys.argv[1],local_dir=sys.argv[2],allow_patterns=json.loads(sys.argv[3]))")
-        steps.append([python, "-c", code, repo, str(Path(models_root) / folder), json.dumps(patterns)])
+        steps.append([python, "-c", _DOWNLOAD_CODE, repo, str(Path(models_root) / folder), json.dumps(patterns)])
         titles.append(f"download {repo}")
     env = clean_env()
     env.pop("HF_HUB_OFFLINE", None)
