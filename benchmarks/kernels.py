@@ -15,6 +15,10 @@ Cases (GPU sizes are the issue-8 targets; CPU sizes are scaled down, the CPU onl
   exact sphere crossings; GPU: 4M voxels, target ≤ 50 ms.
 * ``bake``: sparse trilinear sampling of 6 attribute channels at 4096² points near the surface;
   GPU target ≤ 200 ms.
+* ``encode``: mesh → O-Voxel shape encode (``kernels.ovoxel_encode.encode_shape_torch`` on the device vs
+  the numpy codec ``backend.ovoxel.encode_shape``, threaded) of a UV sphere; GPU: 100k triangles at
+  R = 1024 (``--quick``: R = 512); CPU: 20k triangles at R = 256 (``--quick``: R = 128). Also reports
+  whether voxels / flags match and the largest dual-vertex difference.
 
 Every time is the minimum over ``--reps`` runs after a warm-up (CUDA: synchronised). On a machine
 without CUDA the Triton rows are skipped (the CPU interpreter is a correctness tool, not a speed one)
@@ -269,10 +273,40 @@ def run_bake(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> l
     return [row]
 
 
+def run_encode(device: torch.device, quick: bool, reps: int, triton_ok: bool) -> list[dict[str, Any]]:
+    import numpy as np
+
+    from backend.ovoxel import encode_shape
+    from backend.ovoxel.shapes import uv_sphere
+    from kernels.ovoxel_encode import encode_shape_torch
+
+    if device.type == "cuda":
+        (n_lat, n_lon), R = (113, 446), (1024 if not quick else 512)
+    else:
+        (n_lat, n_lon), R = (71, 142), (256 if not quick else 128)
+    if SMOKE:
+        (n_lat, n_lon), R = (12, 24), 16
+    v, f = uv_sphere(0.45, n_lat, n_lon)
+    row: dict[str, Any] = dict(case="encode", faces=int(f.shape[0]), R=R, device=device.type)
+    ot = encode_shape_torch(v, f, R, device=device)
+    st = ot.meta["encode_stats"]
+    row.update(voxels=int(ot.num_voxels), crossings=int(st["crossings"]), super_slabs=int(st["super_slabs"]))
+    row["torch_ms"] = 1e3 * bench(lambda: encode_shape_torch(v, f, R, device=device), reps, device)
+    on = encode_shape(v, f, R)
+    row["numpy_codec_ms"] = 1e3 * bench(lambda: encode_shape(v, f, R), 1, torch.device("cpu"))
+    same = on.coords.shape == ot.coords.shape and bool(np.array_equal(on.coords, ot.coords))
+    row["same_voxels_as_numpy"] = same
+    row["same_flags_as_numpy"] = same and bool(np.array_equal(on.intersected, ot.intersected))
+    if same and on.num_voxels:
+        row["max_dual_diff_vs_numpy"] = float(np.abs(on.dual_vertices - ot.dual_vertices).max())
+    print(json.dumps(row))
+    return [row]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--cases", default="conv,mesh,bake")
+    ap.add_argument("--cases", default="conv,mesh,bake,encode")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--json", type=Path, help="also write the rows here")
@@ -299,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# GPU part skipped ({why}): only the PyTorch references are timed, at CPU sizes")
     rows: list[dict[str, Any]] = []
     for case in args.cases.split(","):
-        rows += {"conv": run_conv, "mesh": run_mesh, "bake": run_bake}[case](device, args.quick, args.reps, triton_ok)
+        rows += {"conv": run_conv, "mesh": run_mesh, "bake": run_bake,
+                 "encode": run_encode}[case](device, args.quick, args.reps, triton_ok)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

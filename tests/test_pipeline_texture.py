@@ -152,3 +152,40 @@ def test_cli_texture_writes_glb(tmp_path):
     rc = main(["texture", str(tmp_path / "absent.glb"), str(img), "-o", str(tmp_path / "x.glb"), "--model",
                str(model), "--device", "cpu", "-q"])
     assert rc == 1 and not (tmp_path / "x.glb").exists()
+
+
+def test_texture_encode_uses_the_gpu_port_with_a_safe_fallback(monkeypatch, caplog):
+    """The texture pipeline's mesh → O-Voxel step: the torch port (what runs on CUDA; here forced on the
+    CPU) gives the codec's voxels; an unexpected failure of the port falls back to the codec with a
+    warning; bad geometry is an error either way."""
+    import logging
+
+    import trimesh
+
+    from backend import ovoxel
+    from backend.pipelines.texturing import encode_mesh_shape
+    from kernels import ovoxel_encode
+
+    m = trimesh.creation.icosphere(3, 0.4)
+    v, f = np.asarray(m.vertices, np.float32), np.asarray(m.faces)
+    ref = ovoxel.encode_shape(v, f, 64, outside="clip")
+    port = encode_mesh_shape(v, f, 64, "cpu", use_gpu_port=True)
+    np.testing.assert_array_equal(port.coords, ref.coords)
+    np.testing.assert_array_equal(port.intersected, ref.intersected)
+    np.testing.assert_allclose(port.dual_vertices, ref.dual_vertices, atol=1e-5)
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(ovoxel_encode, "encode_shape", broken)
+    with caplog.at_level(logging.WARNING, logger="backend.pipelines.texturing"):
+        back = encode_mesh_shape(v, f, 64, "cpu", use_gpu_port=True)
+    np.testing.assert_array_equal(back.coords, ref.coords)
+    assert "encoding on the CPU instead" in caplog.text
+
+    def bad(*a, **k):
+        raise ovoxel.OVoxelError("no finite vertex")
+
+    monkeypatch.setattr(ovoxel_encode, "encode_shape", bad)
+    with pytest.raises(ovoxel.OVoxelError):
+        encode_mesh_shape(v, f, 64, "cpu", use_gpu_port=True)

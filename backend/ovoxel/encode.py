@@ -537,6 +537,103 @@ def _bucket(ids: np.ndarray, nb: int):
     return order, starts
 
 
+def _slab_thickness(R: int) -> int:
+    """x-planes per encoder slab (the dense slab table holds ``(T + 2) * (R + 1)**2`` cells)."""
+    return max(1, min(R, 32, _SLAB_CELLS // ((R + 1) * (R + 1)) - 2))
+
+
+def _encode_setup(vertices, faces, resolution, aabb, *, weld: bool, outside: str, order: str):
+    """Checks + :func:`prepare_mesh` + voxel space of :func:`encode_shape` (shared with the torch port).
+
+    Returns ``(R, box, v, f, P, stats)``: ``P`` = vertices in voxel units, shifted by ``_SHIFT``
+    (``None`` with an empty ``f`` when nothing is left to encode); faces lying fully outside the AABB
+    are dropped under ``outside="clip"``.
+    """
+    R = check_resolution(resolution)
+    if R > _MAX_RESOLUTION:
+        raise OVoxelError(f"resolution {R} exceeds the supported maximum {_MAX_RESOLUTION}")
+    if R < 2:
+        raise OVoxelError("resolution must be at least 2 (a grid of 1 voxel has no interior edge)")
+    box = as_aabb(aabb)
+    if outside not in ("error", "clip"):
+        raise OVoxelError(f"outside must be 'error' or 'clip', got {outside!r}")
+    if order not in ("morton", "lex"):
+        raise OVoxelError(f"order must be 'morton' or 'lex', got {order!r}")
+    v, f, stats = prepare_mesh(vertices, faces, weld=weld)
+    s = (box[1] - box[0]) / R
+    stats.update(resolution=R, faces=int(f.shape[0]), vertices=int(v.shape[0]))
+    if f.shape[0] == 0:
+        return R, box, v, f, None, stats
+    P = (v - box[0]) / s
+    tol = 1e-6 * R
+    n_out = 0
+    if P.min() < -tol or P.max() > R + tol:
+        n_out = int(((P < -tol) | (P > R + tol)).any(axis=1).sum())
+    stats["vertices_outside_aabb"] = n_out
+    if n_out and outside == "error":
+        raise OVoxelError(
+            f"{n_out} vertices lie outside the AABB {box.tolist()} (mesh range {v.min(0).tolist()} .. "
+            f"{v.max(0).tolist()}); normalise the mesh (normalize_vertices) or pass outside='clip'")
+    if n_out:
+        tmin = np.minimum(np.minimum(P[f[:, 0]], P[f[:, 1]]), P[f[:, 2]])
+        tmax = np.maximum(np.maximum(P[f[:, 0]], P[f[:, 1]]), P[f[:, 2]])
+        keep = (tmax >= -1).all(1) & (tmin <= R + 1).all(1)
+        stats["dropped_outside"] = int((~keep).sum())
+        f = f[keep]
+        if f.shape[0] == 0:
+            return R, box, v, f, None, stats
+    return R, box, v, f, P + _SHIFT, stats
+
+
+def _face_quadrics(T0: np.ndarray, T1: np.ndarray, T2: np.ndarray, kscale: np.ndarray, iso: bool) -> np.ndarray:
+    """Official plane quadric of every face in QEF space, rows ``[10, F]``:
+    n = normalize((v1 - v0) x (v2 - v1)), d = -n.v0 (its sign is irrelevant)."""
+    if iso:
+        U0, d1, d2 = T0, T1 - T0, T2 - T1
+    else:
+        U0 = T0 * kscale
+        d1 = (T1 - T0) * kscale
+        d2 = (T2 - T1) * kscale
+    nrm = _cross_rows(d1, d2)
+    ln = np.sqrt((nrm * nrm).sum(1))
+    nrm /= np.where(ln > 0, ln, 1.0)[:, None]
+    return np.ascontiguousarray(_plane_quadrics(nrm, -(nrm * U0).sum(1)).T)
+
+
+def _mesh_edges(f: np.ndarray, n_vertices: int, stats: dict):
+    """Unique mesh edges ``(e_v0 < e_v1, incident face count)`` in key order; counts boundary
+    (1 face) and non-manifold (> 2) edges into ``stats``."""
+    he0 = f.reshape(-1)
+    he1 = f[:, [1, 2, 0]].reshape(-1)
+    he_key = np.minimum(he0, he1) * np.int64(n_vertices) + np.maximum(he0, he1)
+    he_order = np.argsort(he_key, kind="stable")
+    sk = he_key[he_order]
+    first = np.empty(sk.shape[0], bool)
+    first[0] = True
+    np.not_equal(sk[1:], sk[:-1], out=first[1:])
+    e_start = np.flatnonzero(first)
+    e_count = np.diff(np.append(e_start, sk.shape[0]))
+    e_he = he_order[e_start]
+    e_v0 = np.minimum(he0[e_he], he1[e_he])
+    e_v1 = np.maximum(he0[e_he], he1[e_he])
+    stats["boundary_edges"] = int((e_count == 1).sum())
+    stats["nonmanifold_edges"] = int((e_count > 2).sum())
+    return e_v0, e_v1, e_count
+
+
+def _boundary_lines(v, P, U, e_v0, e_v1, e_count, lam_b: float):
+    """Open-boundary edges (one face, length >= 1e-6): P-space end points ``(p0, p1)`` for the DDA
+    walks and their line quadrics x ``lam_b``, rows ``[10, nb]``."""
+    bsel = np.flatnonzero(e_count == 1)
+    blen = np.linalg.norm(v[e_v1[bsel]] - v[e_v0[bsel]], axis=1)
+    bsel = bsel[blen >= 1e-6]
+    bu0 = U[e_v0[bsel]]
+    bdir = U[e_v1[bsel]] - bu0
+    bdir = bdir / np.linalg.norm(bdir, axis=1, keepdims=True)
+    bq = np.ascontiguousarray((_line_quadrics(bu0, bdir) * lam_b).T)
+    return P[e_v0[bsel]], P[e_v1[bsel]], bq
+
+
 def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb: Any = DEFAULT_AABB, *,
                  face_weight: float = 1.0, boundary_weight: float = 0.2, regularization_weight: float = 1e-2,
                  weld: bool = True, outside: str = "error", order: str = "lex",
@@ -574,18 +671,6 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     """
     import time as _time
 
-    R = check_resolution(resolution)
-    if R > _MAX_RESOLUTION:
-        raise OVoxelError(f"resolution {R} exceeds the supported maximum {_MAX_RESOLUTION}")
-    if R < 2:
-        raise OVoxelError("resolution must be at least 2 (a grid of 1 voxel has no interior edge)")
-    box = as_aabb(aabb)
-    if outside not in ("error", "clip"):
-        raise OVoxelError(f"outside must be 'error' or 'clip', got {outside!r}")
-    if order not in ("morton", "lex"):
-        raise OVoxelError(f"order must be 'morton' or 'lex', got {order!r}")
-    max_memory = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
-
     timing: dict = {}
     _t = [_time.perf_counter()]
 
@@ -594,9 +679,10 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         timing[name] = timing.get(name, 0.0) + now - _t[0]
         _t[0] = now
 
-    v, f, stats = prepare_mesh(vertices, faces, weld=weld)
+    max_memory = _DEFAULT_MAX_MEMORY if max_memory is None else int(max_memory)
+    R, box, v, f, P, stats = _encode_setup(vertices, faces, resolution, aabb, weld=weld, outside=outside,
+                                           order=order)
     s = (box[1] - box[0]) / R
-    stats.update(resolution=R, faces=int(f.shape[0]), vertices=int(v.shape[0]))
     tick("prepare")
 
     def empty():
@@ -607,25 +693,6 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
 
     if f.shape[0] == 0:
         return empty()
-    P = (v - box[0]) / s
-    tol = 1e-6 * R
-    n_out = 0
-    if P.min() < -tol or P.max() > R + tol:
-        n_out = int(((P < -tol) | (P > R + tol)).any(axis=1).sum())
-    stats["vertices_outside_aabb"] = n_out
-    if n_out and outside == "error":
-        raise OVoxelError(
-            f"{n_out} vertices lie outside the AABB {box.tolist()} (mesh range {v.min(0).tolist()} .. "
-            f"{v.max(0).tolist()}); normalise the mesh (normalize_vertices) or pass outside='clip'")
-    if n_out:
-        tmin = np.minimum(np.minimum(P[f[:, 0]], P[f[:, 1]]), P[f[:, 2]])
-        tmax = np.maximum(np.maximum(P[f[:, 0]], P[f[:, 1]]), P[f[:, 2]])
-        keep = (tmax >= -1).all(1) & (tmin <= R + 1).all(1)
-        stats["dropped_outside"] = int((~keep).sum())
-        f = f[keep]
-        if f.shape[0] == 0:
-            return empty()
-    P = P + _SHIFT
     est = _estimate_crossings(P, f)
     est_bytes = est * 350 + f.shape[0] * 600 + 4 * _TABLE_CELLS
     stats["estimated_crossings"] = int(est)
@@ -639,58 +706,26 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     kscale = s / s.max()
     iso = bool(np.all(kscale == 1.0))
     U = P if iso else P * kscale
-    F = f.shape[0]
     T0, T1, T2 = P[f[:, 0]], P[f[:, 1]], P[f[:, 2]]
-    # official plane: n = normalize((v1 - v0) x (v2 - v1)), d = -n.v0 (its sign is irrelevant)
-    if iso:
-        U0, d1, d2 = T0, T1 - T0, T2 - T1
-    else:
-        U0 = T0 * kscale
-        d1 = (T1 - T0) * kscale
-        d2 = (T2 - T1) * kscale
-    nrm = _cross_rows(d1, d2)
-    ln = np.sqrt((nrm * nrm).sum(1))
-    nrm /= np.where(ln > 0, ln, 1.0)[:, None]
-    qT = np.ascontiguousarray(_plane_quadrics(nrm, -(nrm * U0).sum(1)).T)  # [10, F]
+    qT = _face_quadrics(T0, T1, T2, kscale, iso)  # [10, F]
     use_face = face_weight > 0
     lam_b = float(boundary_weight)
     lam_r = float(regularization_weight)
     tick("planes")
 
     # ---- unique mesh edges with their incident faces; boundary edges = exactly one face
-    he0 = f.reshape(-1)
-    he1 = f[:, [1, 2, 0]].reshape(-1)
-    he_tri = np.repeat(np.arange(F), 3)
-    he_key = np.minimum(he0, he1) * np.int64(v.shape[0]) + np.maximum(he0, he1)
-    he_order = np.argsort(he_key, kind="stable")
-    sk = he_key[he_order]
-    first = np.empty(sk.shape[0], bool)
-    first[0] = True
-    np.not_equal(sk[1:], sk[:-1], out=first[1:])
-    e_start = np.flatnonzero(first)
-    e_count = np.diff(np.append(e_start, sk.shape[0]))
-    e_he = he_order[e_start]
-    e_v0 = np.minimum(he0[e_he], he1[e_he])
-    e_v1 = np.maximum(he0[e_he], he1[e_he])
-    stats["boundary_edges"] = int((e_count == 1).sum())
-    stats["nonmanifold_edges"] = int((e_count > 2).sum())
+    e_v0, e_v1, e_count = _mesh_edges(f, v.shape[0], stats)
     tick("edges")
 
-    T = max(1, min(R, 32, _SLAB_CELLS // ((R + 1) * (R + 1)) - 2))
+    T = _slab_thickness(R)
     nslab = (R + T - 1) // T
 
     tick("face_dda")
     # boundary term walks
     bseg = np.zeros(0, np.int64)
     if lam_b > 0 and stats["boundary_edges"]:
-        bsel = np.flatnonzero(e_count == 1)
-        blen = np.linalg.norm(v[e_v1[bsel]] - v[e_v0[bsel]], axis=1)
-        bsel = bsel[blen >= 1e-6]
-        bseg, bvx, bvy, bvz = _dda_visits(P[e_v0[bsel]], P[e_v1[bsel]], R)
-        bu0 = U[e_v0[bsel]]
-        bdir = U[e_v1[bsel]] - bu0
-        bdir = bdir / np.linalg.norm(bdir, axis=1, keepdims=True)
-        bq = np.ascontiguousarray((_line_quadrics(bu0, bdir) * lam_b).T)  # [10, nb]
+        bp0, bp1, bq = _boundary_lines(v, P, U, e_v0, e_v1, e_count, lam_b)  # bq [10, nb]
+        bseg, bvx, bvy, bvz = _dda_visits(bp0, bp1, R)
         b_order, b_starts = _bucket(bvx // T, nslab)
     tick("boundary_dda")
 
@@ -1062,7 +1097,7 @@ def triangle_voxel_pairs(vertices: np.ndarray, faces: np.ndarray, resolution: in
     s = (box[1] - box[0]) / R
     P = (v - box[0]) / s + _SHIFT
     T0, T1, T2 = P[f[:, 0]], P[f[:, 1]], P[f[:, 2]]
-    T = max(1, min(R, 32, _SLAB_CELLS // ((R + 1) * (R + 1)) - 2))
+    T = _slab_thickness(R)
     nslab = (R + T - 1) // T
     txmin = np.minimum(np.minimum(T0[:, 0], T1[:, 0]), T2[:, 0])
     txmax = np.maximum(np.maximum(T0[:, 0], T1[:, 0]), T2[:, 0])

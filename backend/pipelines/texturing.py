@@ -9,6 +9,7 @@ official renormalisation) → nearest-texel dilation of empty texels → glTF PB
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,7 +24,8 @@ from .preprocess import preprocess_image
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Trellis2Pipelines, _Run
 
-__all__ = ["run_texturing", "normalize_to_unit_cube"]
+__all__ = ["run_texturing", "normalize_to_unit_cube", "encode_mesh_shape"]
+log = logging.getLogger(__name__)
 
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
 
@@ -46,6 +48,33 @@ def _apply_transform(v: np.ndarray, transform: np.ndarray | None, y_up: bool) ->
     if y_up:  # glTF/OBJ Y-up → TRELLIS/Blender Z-up: (x, y, z) → (x, −z, y)
         v = np.stack([v[:, 0], -v[:, 2], v[:, 1]], axis=1)
     return v
+
+
+def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, device: torch.device | str,
+                      use_gpu_port: bool | None = None):
+    """Unit-cube mesh → shape O-Voxel (official weights; geometry outside the cube is clipped).
+
+    On a CUDA ``device`` (or with ``use_gpu_port``) the torch port ``kernels.ovoxel_encode`` runs on
+    that device (same result as the codec; the registry's ``TRELLIS_KERNELS=reference`` forces the
+    codec); elsewhere the numpy codec. Bad geometry raises ``OVoxelError`` either way; any other
+    failure of the port (e.g. GPU memory) is logged and the codec does the encode instead.
+    """
+    from .. import ovoxel
+
+    dev = torch.device(device)
+    if use_gpu_port if use_gpu_port is not None else dev.type == "cuda":
+        try:
+            from kernels import ovoxel_encode
+
+            return ovoxel_encode.encode_shape(vertices, faces, resolution, outside="clip", device=dev)
+        except ovoxel.OVoxelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the CPU codec is always a correct answer
+            log.warning("O-Voxel encode on %s failed (%s: %s); encoding on the CPU instead", dev,
+                        type(e).__name__, e)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return ovoxel.encode_shape(vertices, faces, resolution, outside="clip")
 
 
 @torch.no_grad()
@@ -82,7 +111,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
         cond = pipe.get_cond(img, 512 if resolution <= 512 else 1024)
     with run.stage_ctx("encode"):
         try:
-            enc = ovoxel.encode_shape(unit.astype(np.float32), geo_f, res, outside="clip")
+            enc = encode_mesh_shape(unit.astype(np.float32), geo_f, res, pipe.device)
         except ovoxel.OVoxelError as e:
             raise BadInput(f"the mesh cannot be voxelised: {e}") from e
         coords_np, dual_np, inter_np = enc.coords, enc.dual_vertices, enc.intersected
