@@ -537,27 +537,43 @@ def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_
     npch = patches.shape[0]
     size = np.bincount(lab, minlength=L)[patches]
     ea, eb = inv[:pi.shape[0]], inv[pi.shape[0]:]
-    adj = [[] for _ in range(npch)]
-    for x, y in zip(ea.tolist(), eb.tolist()):
-        adj[x].append(y)
-        adj[y].append(x)
-    color = np.full(npch, -1, np.int8)
-    for start in np.argsort(-size, kind="stable").tolist():
-        if color[start] >= 0:
-            continue
-        color[start] = 0
-        queue = [start]
-        while queue:
-            nxt = []
-            for x in queue:
-                for y in adj[x]:
-                    if color[y] < 0:
-                        color[y] = 1 - color[x]
-                        nxt.append(y)
-            queue = nxt
+    color = _bfs_parity(npch, ea, eb, size)
     flip_patch = np.zeros(L, bool)
     flip_patch[patches[color == 1]] = True
     return flip ^ flip_patch[lab]
+
+
+def _bfs_parity(n: int, ea: np.ndarray, eb: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Breadth-first 2-colouring of an undirected graph: in every connected component the node with
+    the largest ``size`` (first index on ties) gets colour 0 and every node the parity of its BFS
+    depth from it (odd cycles keep the conflict BFS leaves). Level-synchronous and vectorised."""
+    comp = _components(n, ea, eb)
+    order = np.argsort(-size, kind="stable")
+    _, first = np.unique(comp[order], return_index=True)
+    roots = order[first]
+    src = np.concatenate([ea, eb])
+    dst = np.concatenate([eb, ea])
+    by_src = np.argsort(src, kind="stable")
+    dst = dst[by_src]
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    depth = np.full(n, -1, np.int64)
+    depth[roots] = 0
+    frontier = roots
+    level = 0
+    while frontier.shape[0]:
+        start = indptr[frontier]
+        cnt = indptr[frontier + 1] - start
+        total = int(cnt.sum())
+        if total == 0:
+            break
+        offs = np.repeat(start - (np.cumsum(cnt) - cnt), cnt) + np.arange(total)
+        nb = dst[offs]
+        nb = np.unique(nb[depth[nb] < 0])
+        level += 1
+        depth[nb] = level
+        frontier = nb
+    return (depth % 2).astype(np.int8)
 
 
 def _triangles(quads: np.ndarray, split1: np.ndarray, flip: Optional[np.ndarray], remap: Optional[np.ndarray],
