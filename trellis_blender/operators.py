@@ -783,8 +783,11 @@ class TRELLIS_OT_clear_error(bpy.types.Operator):
 # import and history
 
 
-def load_ovoxel_arrays(path: str) -> tuple[dict, dict]:
-    """Mesh arrays (+ PBR) and meta from an O-Voxel file (codec) or a result ``.npz`` (vertices/faces)."""
+def load_ovoxel_arrays(path: str, fill_holes: bool = True) -> tuple[dict, dict]:
+    """Mesh arrays (+ PBR) and meta from an O-Voxel file (codec) or a result ``.npz`` (vertices/faces).
+
+    ``fill_holes``: after decoding an O-Voxel, close boundary loops shorter than 3 % of the box size
+    (the official pipeline's post-decode step; result files already had it)."""
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
@@ -800,6 +803,9 @@ def load_ovoxel_arrays(path: str) -> tuple[dict, dict]:
         vertices, faces = decoded["vertices"], decoded["faces"]
     else:
         vertices, faces = decoded.vertices, decoded.faces
+    if fill_holes:
+        extent = float(np.min(np.subtract(*np.asarray(getattr(ov, "aabb", ((-0.5,) * 3, (0.5,) * 3)))[::-1])))
+        vertices, faces = ovoxel.fill_small_holes(vertices, faces, 0.03 * extent)
     arrays = {"vertices": np.asarray(vertices, np.float32), "faces": np.asarray(faces, np.int32)}
     attrs = getattr(ov, "attrs", None)
     resolution = int(getattr(ov, "resolution", 0) or 0)
@@ -819,6 +825,9 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
 
     filename_ext = ".npz"
     filter_glob: StringProperty(default="*.npz;*.vxz", options={"HIDDEN"})
+    fill_holes: BoolProperty(
+        name="Fill Small Holes", default=True,
+        description="Close holes shorter than 3% of the box size after decoding, as the official pipeline does")
 
     def execute(self, context):
         path = self.filepath
@@ -826,7 +835,7 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"File not found: {path}")
             return {"CANCELLED"}
         try:
-            arrays, meta = load_ovoxel_arrays(path)
+            arrays, meta = load_ovoxel_arrays(path, self.fill_holes)
             name = bpy.path.display_name_from_filepath(path) or "OVoxel"
             obj = mesh_import.import_result(context, arrays, name=name, material_mode="VERTEX",
                                             meta={"job": meta.get("job")})

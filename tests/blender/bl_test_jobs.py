@@ -288,7 +288,21 @@ def test_import_ovoxel_file_with_codec(addon, clean_scene, tmp_path):
     assert bpy.ops.trellis.import_ovoxel(filepath=str(path)) == {"FINISHED"}
     obj = bpy.context.active_object
     dv, df = ovoxel.decode_ovoxel(ovoxel.load(str(path)))
-    assert len(obj.data.vertices) == len(dv) and len(obj.data.polygons) == len(df)
+    assert len(obj.data.vertices) == len(dv) and len(obj.data.polygons) == len(df)   # closed: nothing to fill
+    # knock out voxels: the decoded surface gets holes; the official hole filling closes the short ones
+    # (at R = 160 one missing voxel leaves a hole of ~4 × 1/160 < 0.03)
+    fine = ovoxel.encode_shape(v, f, 160)
+    keep = np.ones(len(fine.coords), bool)
+    keep[::997] = False
+    holed = ovoxel.OVoxel(resolution=fine.resolution, aabb=fine.aabb, coords=fine.coords[keep],
+                          dual_vertices=fine.dual_vertices[keep], intersected=fine.intersected[keep])
+    ovoxel.save(str(tmp_path / "holed.npz"), holed)
+    hv, hf = ovoxel.decode_ovoxel(holed)
+    counts = {}
+    for fill in (False, True):
+        assert bpy.ops.trellis.import_ovoxel(filepath=str(tmp_path / "holed.npz"), fill_holes=fill) == {"FINISHED"}
+        counts[fill] = len(bpy.context.active_object.data.polygons)
+    assert counts[False] == len(hf) < counts[True]
 
 
 def test_generate_from_blender_image_with_random_seed(addon, fake, tmp_path):
