@@ -92,27 +92,8 @@ def _sync(dev: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# crossings (port of E._axis_crossings / E._exact_inside)
+# crossings (port of E._axis_crossings; the tie rule is E._exact_inside itself, on tensors)
 # ----------------------------------------------------------------------------------------------
-def _exact_inside(Pb, Pc, j, k, sigma):
-    inside = torch.ones(j.shape[0], dtype=torch.bool, device=j.device)
-    for e in range(3):
-        pb, pc = Pb[:, e], Pc[:, e]
-        qb, qc = Pb[:, (e + 1) % 3], Pc[:, (e + 1) % 3]
-        swap = (pb > qb) | ((pb == qb) & (pc > qc))
-        ob = torch.where(swap, qb, pb)
-        oc = torch.where(swap, qc, pc)
-        db = torch.where(swap, pb, qb) - ob
-        dc = torch.where(swap, pc, qc) - oc
-        Ev = db * (k - oc) - dc * (j - ob)
-        Ev = torch.where(swap, -Ev, Ev) * sigma
-        s = sigma * torch.where(swap, -1.0, 1.0).to(_F64)
-        ddb, ddc = db * s, dc * s
-        tie = (ddc > 0) | ((ddc == 0) & (ddb < 0))
-        inside &= (Ev > 0) | ((Ev == 0) & tie)
-    return inside
-
-
 def _axis_crossings(T0, T1, T2, a: int, R: int, x0: int, x1: int):
     """Crossings of triangles with the grid lines along axis ``a`` touching voxels with x in [x0, x1).
 
@@ -184,7 +165,7 @@ def _axis_crossings(T0, T1, T2, a: int, R: int, x0: int, x1: int):
         tri = rt[cr[ui]]
         Pb = torch.stack([Ab[tri], Bb[tri], Cb[tri]], 1)
         Pc = torch.stack([Ac[tri], Bc[tri], Cc[tri]], 1)
-        ins = _exact_inside(Pb, Pc, jj[ui], k[ui], torch.sign(D[tri]))
+        ins = E._exact_inside(Pb, Pc, jj[ui], k[ui], torch.sign(D[tri]), where=torch.where)
         keep = torch.ones(k.shape[0], dtype=torch.bool, device=dev)
         keep[ui[~ins]] = False
         cr, k, jj = cr[keep], k[keep], jj[keep]

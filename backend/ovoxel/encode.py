@@ -184,29 +184,30 @@ def _expand(counts: np.ndarray):
     return grp, pos
 
 
-def _exact_inside(Pb, Pc, j, k, sigma):
+def _exact_inside(Pb, Pc, j, k, sigma, where=np.where):
     """Exact, watertight inside test of grid points (j, k) for triangles given by projected vertices.
 
     ``Pb, Pc`` [n, 3] projected vertex coordinates (triangle order), ``sigma`` [n] sign of the projected
     area. Edge functions are evaluated in a canonical vertex order so a shared edge gives exactly
     opposite values in its two triangles; zero values use a consistent top-left style rule.
+    Array-library neutral: ``where=torch.where`` runs it on tensors (the GPU encoder port).
     """
-    inside = np.ones(j.shape[0], bool)
+    inside = None
     for e in range(3):
         pb, pc = Pb[:, e], Pc[:, e]
         qb, qc = Pb[:, (e + 1) % 3], Pc[:, (e + 1) % 3]
         swap = (pb > qb) | ((pb == qb) & (pc > qc))
-        ob = np.where(swap, qb, pb)
-        oc = np.where(swap, qc, pc)
-        db = np.where(swap, pb, qb) - ob
-        dc = np.where(swap, pc, qc) - oc
+        ob = where(swap, qb, pb)
+        oc = where(swap, qc, pc)
+        db = where(swap, pb, qb) - ob
+        dc = where(swap, pc, qc) - oc
         E = db * (k - oc) - dc * (j - ob)
-        E = np.where(swap, -E, E) * sigma
-        # CCW edge direction
-        s = sigma * np.where(swap, -1.0, 1.0)
+        E = where(swap, -E, E) * sigma
+        s = where(swap, -sigma, sigma)  # CCW edge direction
         ddb, ddc = db * s, dc * s
         tie = (ddc > 0) | ((ddc == 0) & (ddb < 0))
-        inside &= (E > 0) | ((E == 0) & tie)
+        ok = (E > 0) | ((E == 0) & tie)
+        inside = ok if inside is None else inside & ok
     return inside
 
 
