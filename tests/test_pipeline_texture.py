@@ -156,8 +156,8 @@ def test_cli_texture_writes_glb(tmp_path):
 
 def test_texture_encode_uses_the_gpu_port_with_a_safe_fallback(monkeypatch, caplog):
     """The texture pipeline's mesh → O-Voxel step: the torch port (what runs on CUDA; here forced on the
-    CPU) gives the codec's voxels; an unexpected failure of the port falls back to the codec with a
-    warning; bad geometry is an error either way."""
+    CPU with TRELLIS_KERNELS=triton) gives the codec's voxels; an unexpected failure of the port falls
+    back to the codec with a warning; bad geometry is an error either way."""
     import logging
 
     import trimesh
@@ -169,7 +169,14 @@ def test_texture_encode_uses_the_gpu_port_with_a_safe_fallback(monkeypatch, capl
     m = trimesh.creation.icosphere(3, 0.4)
     v, f = np.asarray(m.vertices, np.float32), np.asarray(m.faces)
     ref = ovoxel.encode_shape(v, f, 64, outside="clip")
-    port = encode_mesh_shape(v, f, 64, "cpu", use_gpu_port=True)
+    assert ovoxel_encode.select_encoder("cpu") == "numpy"             # default on a CPU: the codec
+    monkeypatch.setenv("TRELLIS_KERNELS", "triton")
+    assert ovoxel_encode.select_encoder("cpu") == "torch"
+    calls = []
+    real = ovoxel_encode.encode_shape_torch
+    monkeypatch.setattr(ovoxel_encode, "encode_shape_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    port = encode_mesh_shape(v, f, 64, "cpu")
+    assert calls == [1]                                                # the port really ran
     np.testing.assert_array_equal(port.coords, ref.coords)
     np.testing.assert_array_equal(port.intersected, ref.intersected)
     np.testing.assert_allclose(port.dual_vertices, ref.dual_vertices, atol=1e-5)
@@ -177,15 +184,15 @@ def test_texture_encode_uses_the_gpu_port_with_a_safe_fallback(monkeypatch, capl
     def broken(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(ovoxel_encode, "encode_shape", broken)
+    monkeypatch.setattr(ovoxel_encode, "encode_shape_torch", broken)
     with caplog.at_level(logging.WARNING, logger="backend.pipelines.texturing"):
-        back = encode_mesh_shape(v, f, 64, "cpu", use_gpu_port=True)
+        back = encode_mesh_shape(v, f, 64, "cpu")
     np.testing.assert_array_equal(back.coords, ref.coords)
     assert "encoding on the CPU instead" in caplog.text
 
     def bad(*a, **k):
         raise ovoxel.OVoxelError("no finite vertex")
 
-    monkeypatch.setattr(ovoxel_encode, "encode_shape", bad)
+    monkeypatch.setattr(ovoxel_encode, "encode_shape_torch", bad)
     with pytest.raises(ovoxel.OVoxelError):
-        encode_mesh_shape(v, f, 64, "cpu", use_gpu_port=True)
+        encode_mesh_shape(v, f, 64, "cpu")

@@ -50,23 +50,21 @@ def _apply_transform(v: np.ndarray, transform: np.ndarray | None, y_up: bool) ->
     return v
 
 
-def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, device: torch.device | str,
-                      use_gpu_port: bool | None = None):
+def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, device: torch.device | str):
     """Unit-cube mesh → shape O-Voxel (official weights; geometry outside the cube is clipped).
 
-    On a CUDA ``device`` (or with ``use_gpu_port``) the torch port ``kernels.ovoxel_encode`` runs on
-    that device (same result as the codec; the registry's ``TRELLIS_KERNELS=reference`` forces the
-    codec); elsewhere the numpy codec. Bad geometry raises ``OVoxelError`` either way; any other
-    failure of the port (e.g. GPU memory) is logged and the codec does the encode instead.
+    ``kernels.ovoxel_encode.select_encoder`` decides (CUDA → the torch port on that device, else the
+    numpy codec; ``TRELLIS_KERNELS`` overrides). Bad geometry raises ``OVoxelError`` either way; any
+    other failure of the port (e.g. GPU memory) is logged and the codec does the encode instead.
     """
+    from kernels import ovoxel_encode
+
     from .. import ovoxel
 
     dev = torch.device(device)
-    if use_gpu_port if use_gpu_port is not None else dev.type == "cuda":
+    if ovoxel_encode.select_encoder(dev) == "torch":
         try:
-            from kernels import ovoxel_encode
-
-            return ovoxel_encode.encode_shape(vertices, faces, resolution, outside="clip", device=dev)
+            return ovoxel_encode.encode_shape_torch(vertices, faces, resolution, outside="clip", device=dev)
         except ovoxel.OVoxelError:
             raise
         except Exception as e:  # noqa: BLE001 - the CPU codec is always a correct answer
