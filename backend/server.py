@@ -178,14 +178,12 @@ class PipelineRunner:
         ctx.server.send_status(state)
 
     def run(self, ctx: JobContext) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
-        pipe = self._pipeline(ctx)
-        s = ctx.msg
-        from .pipelines.pipeline import MAX_NUM_TOKENS
+        from .pipelines.pipeline import token_budget
 
-        max_tokens = int(s.get("max_tokens") or MAX_NUM_TOKENS)
-        if max_tokens < 1024:
-            raise _errors.BadInput(f"max_tokens must be at least 1024, got {max_tokens}.")
-        pipe.max_num_tokens = max_tokens  # per job: a job without it gets the official budget back
+        s = ctx.msg
+        budget = token_budget(s.get("max_tokens"))  # checked before loading; a job without it: official
+        pipe = self._pipeline(ctx)
+        pipe.max_num_tokens = budget
         common = {"stage_params": s.get("stage_params") or {}, "progress": ctx.progress, "cancel": ctx.cancel}
         if ctx.kind == "generate":
             res = pipe.generate(_load_image(ctx), pipeline_type=s.get("pipeline_type") or None,

@@ -518,6 +518,10 @@ def test_pipeline_runner_maps_requests_onto_the_pipelines_api(tmp_path):
         runner.run(ctx({"type": "upscale", "job": "u1", "source_job": "g1"}))
     assert S.classify_error(info.value)[0] == "bad_input"
     assert runner._pipe.max_num_tokens == 49152                  # a job without max_tokens: official budget
+    with pytest.raises(Exception) as info:                       # a budget below 1024: clear error
+        runner.run(ctx({"type": "generate", "job": "g0", "max_tokens": 100}))
+    assert S.classify_error(info.value)[0] == "bad_input" and "max_tokens" in str(info.value)
+    assert runner._pipe.max_num_tokens == 49152
     with pytest.raises(Exception) as info:
         runner.run(ctx({"type": "upscale", "job": "u2", "source_job": "nope"}))
     assert S.classify_error(info.value)[0] == "bad_input"

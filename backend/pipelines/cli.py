@@ -66,16 +66,13 @@ def _progress(quiet: bool):
 
 def _open(args: argparse.Namespace, texturing_only: bool = False):
     from . import load_pipeline
+    from .pipeline import token_budget
 
-    from ..errors import BadInput
-
-    if args.max_tokens is not None and args.max_tokens < 1024:
-        raise BadInput(f"--max-tokens must be at least 1024, got {args.max_tokens}")
+    budget = token_budget(args.max_tokens)  # checked before any model is touched
     pipe = load_pipeline(args.model_dir, dinov3_dir=args.dinov3_dir, ss_decoder_dir=args.ss_decoder_dir,
                          device=args.device, low_vram=args.low_vram, texturing_only=texturing_only,
                          precision=args.precision)
-    if args.max_tokens:
-        pipe.max_num_tokens = args.max_tokens
+    pipe.max_num_tokens = budget
     return pipe
 
 

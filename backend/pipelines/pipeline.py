@@ -42,12 +42,22 @@ from .loader import DINOV3_KEY, ModelManager, PipelineConfig, resolve_device
 from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_image
 from .sampler import FlowEulerGuidanceIntervalSampler, SamplerParams, sampler_from_config
 
-__all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", "fdg_head", "quantize_coords"]
+__all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", "token_budget", "fdg_head",
+           "quantize_coords"]
 
 MAX_NUM_TOKENS = 49152
+MIN_NUM_TOKENS = 1024
 #: ``precision`` values: the flow transformers' compute dtype (see :func:`model_dtypes`)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 log = logging.getLogger(__name__)
+
+
+def token_budget(max_tokens: int | None) -> int:
+    """The cascade token budget for a requested ``max_tokens`` (None / 0: the official 49152)."""
+    n = int(max_tokens or MAX_NUM_TOKENS)
+    if n < MIN_NUM_TOKENS:
+        raise BadInput(f"max_tokens must be at least {MIN_NUM_TOKENS}, got {n}.")
+    return n
 
 
 def _native_bf16(device: torch.device) -> bool:
