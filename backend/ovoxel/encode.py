@@ -604,16 +604,11 @@ def _face_quadrics(T0: np.ndarray, T1: np.ndarray, T2: np.ndarray, kscale: np.nd
 def _mesh_edges(f: np.ndarray, n_vertices: int, stats: dict):
     """Unique mesh edges ``(e_v0 < e_v1, incident face count)`` in key order; counts boundary
     (1 face) and non-manifold (> 2) edges into ``stats``."""
+    from .meshutil import _edge_groups
+
     he0 = f.reshape(-1)
     he1 = f[:, [1, 2, 0]].reshape(-1)
-    he_key = np.minimum(he0, he1) * np.int64(n_vertices) + np.maximum(he0, he1)
-    he_order = np.argsort(he_key, kind="stable")
-    sk = he_key[he_order]
-    first = np.empty(sk.shape[0], bool)
-    first[0] = True
-    np.not_equal(sk[1:], sk[:-1], out=first[1:])
-    e_start = np.flatnonzero(first)
-    e_count = np.diff(np.append(e_start, sk.shape[0]))
+    he_order, e_start, e_count = _edge_groups(he0, he1, n_vertices)
     e_he = he_order[e_start]
     e_v0 = np.minimum(he0[e_he], he1[e_he])
     e_v1 = np.maximum(he0[e_he], he1[e_he])

@@ -5,6 +5,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def _edge_groups(a: np.ndarray, b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Half-edges ``a[i] → b[i]`` (vertex ids < ``n``) grouped by undirected edge: ``(order, starts,
+    counts)`` — ``order`` sorts them by edge, group ``g`` is ``order[starts[g]:starts[g] + counts[g]]``."""
+    und = np.minimum(a, b) * np.int64(n) + np.maximum(a, b)
+    order = np.argsort(und, kind="stable")
+    su = und[order]
+    first = np.ones(su.shape[0], bool)
+    np.not_equal(su[1:], su[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return order, starts, np.diff(np.append(starts, su.shape[0]))
+
+
 def edge_stats(faces: np.ndarray) -> dict:
     """Edge-use histogram of a triangle mesh.
 
@@ -17,14 +29,8 @@ def edge_stats(faces: np.ndarray) -> dict:
         return {"edges": 0, "boundary": 0, "manifold": 0, "nonmanifold": 0, "inconsistent": 0}
     a = f.reshape(-1)
     b = f[:, [1, 2, 0]].reshape(-1)
-    n = np.int64(max(int(f.max()) + 1, 1))
-    und = np.minimum(a, b) * n + np.maximum(a, b)
+    order, starts, counts = _edge_groups(a, b, max(int(f.max()) + 1, 1))
     fwd = a < b
-    order = np.argsort(und, kind="stable")
-    su = und[order]
-    first = np.concatenate([[True], su[1:] != su[:-1]])
-    starts = np.flatnonzero(first)
-    counts = np.diff(np.concatenate([starts, [su.shape[0]]]))
     man = starts[counts == 2]
     d0 = fwd[order][man]
     d1 = fwd[order][man + 1]
@@ -108,13 +114,7 @@ def fill_small_holes(vertices: np.ndarray, faces: np.ndarray, max_perimeter: flo
     # edge's half-edges are here and the count below is exact
     keep = np.flatnonzero(odd[a] | odd[b])
     a, b = a[keep], b[keep]
-    und = np.minimum(a, b) * np.int64(n) + np.maximum(a, b)
-    order = np.argsort(und, kind="stable")
-    su = und[order]
-    new = np.ones(su.shape[0], bool)
-    np.not_equal(su[1:], su[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    counts = np.diff(np.append(starts, su.shape[0]))
+    order, starts, counts = _edge_groups(a, b, n)
     bnd = order[starts[counts == 1]]
     if bnd.shape[0] == 0:
         return vertices, faces
