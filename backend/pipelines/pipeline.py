@@ -89,6 +89,8 @@ def _check_finite(x: torch.Tensor | SparseTensor, stage: str, model: torch.nn.Mo
         dtype = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), torch.float32)
         raise NumericalError(f"The {stage} model produced NaN/Inf values (computing in "
                              f"{str(dtype).removeprefix('torch.')}).", stage=stage)
+
+
 PBR_LAYOUT = {"base_color": slice(0, 3), "metallic": slice(3, 4), "roughness": slice(4, 5), "alpha": slice(5, 6)}
 
 
@@ -177,8 +179,7 @@ class Trellis2Pipelines:
         self.config = config
         self.device = device
         self.low_vram = low_vram
-        self.precision = precision
-        self._dtypes = model_dtypes(precision, device)
+        self._dtypes = model_dtypes(precision, device)  # (flows, VAEs) dtype for every checkpoint load
         self.background_remover = background_remover
         self.scale = config.resolution_scale
         loaders: dict[str, Callable[[torch.device], torch.nn.Module]] = {
