@@ -46,10 +46,12 @@ def test_plain_background_keyer():
     assert out.size[0] == out.size[1] == 58 or out.size[0] == out.size[1] == 60
 
 
-def test_noisy_background_needs_alpha():
+def test_noisy_background_needs_alpha_or_a_model():
     rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    with pytest.raises(BadInput, match="alpha channel"):
+    with pytest.raises(BadInput, match="no transparency") as ei:
         preprocess_image(Image.fromarray(rgb, "RGB"))
+    text = str(ei.value)   # names the preference, the download and the CLI flag
+    assert "Background removal" in text and "ZhengPeng7/BiRefNet" in text and "--rembg-model" in text
 
 
 def test_model_remover_interface():

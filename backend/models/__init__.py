@@ -280,12 +280,15 @@ def _init_buffers(model: nn.Module, device: torch.device) -> None:
 
 def load_safetensors_into(model: nn.Module, path: str | os.PathLike,
                           device: str | torch.device = "cpu",
-                          key_map: Mapping[str, str] | None = None) -> nn.Module:
+                          key_map: Mapping[str, str] | None = None,
+                          ignore_keys: Iterable[str] = ()) -> nn.Module:
     """Fill ``model`` (typically built on ``meta``) from safetensors file ``path``, strictly.
 
     Each stored tensor is read from the memory map, cast to the dtype of the module's own
     parameter/buffer and moved to ``device``, then *assigned* (no second full copy of the weights).
-    ``key_map`` optionally renames file keys (``file key -> model key``) before the check.
+    ``key_map`` optionally renames file keys (``file key -> model key``) before the check;
+    ``ignore_keys`` names file keys that are known to be unused (e.g. training-only heads) and are
+    skipped when present — nothing else is tolerated.
     Non-persistent buffers are then regenerated through ``init_non_persistent_buffers``.
     """
     from safetensors import safe_open
@@ -293,6 +296,8 @@ def load_safetensors_into(model: nn.Module, path: str | os.PathLike,
     path = Path(path)
     header = read_safetensors_header(path)
     key_map = dict(key_map or {})
+    ignored = set(ignore_keys)
+    header = {k: v for k, v in header.items() if k not in ignored}
     file_shapes = {key_map.get(k, k): s for k, (s, _) in header.items()}
     targets = model.state_dict(keep_vars=True)
     check_state_dict_keys(path, file_shapes, {k: tuple(v.shape) for k, v in targets.items()})

@@ -168,6 +168,8 @@ class GenerationResult:
     state: JobState
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
+    #: how the input was cut out: ``{"background": "alpha"|"model"|"keyer"|"none", "mode": ..., "note"?}``
+    preprocess_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_voxels(self) -> int:
@@ -215,7 +217,8 @@ class TextureResult:
 def load_pipeline(model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike | None = None,
                   ss_decoder_dir: str | os.PathLike | None = None, device: str = "auto",
                   low_vram: bool = False, texturing_only: bool = False,
-                  background_remover: Any | None = None, precision: str = "auto") -> "Trellis2Pipelines":
+                  background_remover: Any | None = None, precision: str = "auto",
+                  rembg_dir: str | os.PathLike | None = None) -> "Trellis2Pipelines":
     """Open a pipeline folder in the official Hugging Face layout (models load lazily).
 
     Args:
@@ -231,6 +234,8 @@ def load_pipeline(model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike
             :func:`~backend.pipelines.pipeline.model_dtypes`).
         texturing_only: check only what ``texturing_pipeline.json`` needs.
         background_remover: optional callable ``(PIL RGB image) -> PIL L mask`` (model-based remover).
+        rembg_dir: folder of a BiRefNet / RMBG-2.0 ``model.safetensors`` (the official remover, loaded
+            lazily on the pipeline's device; ``background_remover`` takes precedence).
 
     Raises:
         MissingWeights: one message listing every missing file and where it was expected.
@@ -240,4 +245,5 @@ def load_pipeline(model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike
 
     return Trellis2Pipelines.open(model_dir, dinov3_dir=dinov3_dir, ss_decoder_dir=ss_decoder_dir,
                                   device=device, low_vram=low_vram, texturing_only=texturing_only,
-                                  background_remover=background_remover, precision=precision)
+                                  background_remover=background_remover, precision=precision,
+                                  rembg_dir=rembg_dir)

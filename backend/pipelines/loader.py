@@ -37,6 +37,8 @@ IMAGE_TO_3D_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder",
                       "tex_slat_flow_model_1024", "tex_slat_decoder")
 TEXTURING_MODELS = ("shape_slat_encoder", "tex_slat_decoder", "tex_slat_flow_model_512", "tex_slat_flow_model_1024")
 DINOV3_KEY = "image_cond_model"
+#: ModelManager key of the optional background-removal model (BiRefNet / RMBG-2.0).
+REMBG_KEY = "rembg_model"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -38,8 +38,8 @@ from PIL import Image
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
 from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
-from .loader import DINOV3_KEY, ModelManager, PipelineConfig, resolve_device
-from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_image
+from .loader import DINOV3_KEY, REMBG_KEY, ModelManager, PipelineConfig, resolve_device
+from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_with_info
 from .sampler import FlowEulerGuidanceIntervalSampler, SamplerParams, sampler_from_config
 
 __all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", "token_budget", "fdg_head",
@@ -175,8 +175,10 @@ class Trellis2Pipelines:
     """Image→3D, texture-only and upscale pipelines over one model folder (see :func:`load_pipeline`)."""
 
     def __init__(self, config: PipelineConfig, device: torch.device, low_vram: bool,
-                 background_remover: BackgroundRemover | None = None, precision: str = "auto") -> None:
+                 background_remover: BackgroundRemover | None = None, precision: str = "auto",
+                 rembg_dir: str | os.PathLike | None = None) -> None:
         self.config = config
+        self.precision = precision
         self.device = device
         self.low_vram = low_vram
         self._dtypes = model_dtypes(precision, device)  # (flows, VAEs) dtype for every checkpoint load
@@ -187,6 +189,12 @@ class Trellis2Pipelines:
             for key, path in config.checkpoints.items()}
         if config.dinov3_dir is not None:
             loaders[DINOV3_KEY] = lambda dev: self._load_dinov3(config.dinov3_dir, dev)  # type: ignore[arg-type]
+        self.rembg_dir = Path(rembg_dir) if rembg_dir else None
+        if self.rembg_dir is not None:
+            from .rembg import check_rembg_folder
+
+            check_rembg_folder(self.rembg_dir)  # a missing file fails now, not after the first image
+            loaders[REMBG_KEY] = lambda dev: self._load_rembg(dev)
         self.models = ModelManager(loaders, device, low_vram)
         self.samplers: dict[str, tuple[FlowEulerGuidanceIntervalSampler, SamplerParams]] = {}
         for key in ("sparse_structure_sampler", "shape_slat_sampler", "tex_slat_sampler"):
@@ -203,10 +211,10 @@ class Trellis2Pipelines:
     def open(cls, model_dir: str | os.PathLike, *, dinov3_dir: str | os.PathLike | None = None,
              ss_decoder_dir: str | os.PathLike | None = None, device: str = "auto", low_vram: bool = False,
              texturing_only: bool = False, background_remover: BackgroundRemover | None = None,
-             precision: str = "auto") -> "Trellis2Pipelines":
+             precision: str = "auto", rembg_dir: str | os.PathLike | None = None) -> "Trellis2Pipelines":
         cfg = PipelineConfig.open(model_dir, dinov3_dir=dinov3_dir, ss_decoder_dir=ss_decoder_dir,
                                   texturing_only=texturing_only)
-        return cls(cfg, resolve_device(device), low_vram, background_remover, precision)
+        return cls(cfg, resolve_device(device), low_vram, background_remover, precision, rembg_dir)
 
     def _load_checkpoint(self, stem: Path, device: torch.device, dtype: torch.dtype | None = None
                          ) -> torch.nn.Module:
@@ -223,6 +231,56 @@ class Trellis2Pipelines:
         from ..modules.image_feature_extractor import load_dinov3
 
         return load_dinov3(folder, device=device, dtype=torch.float32)
+
+    def _load_rembg(self, device: torch.device) -> torch.nn.Module:
+        from ..models import CheckpointError
+        from .rembg import load_rembg_model
+
+        try:
+            return load_rembg_model(self.rembg_dir, device, self.precision)  # type: ignore[arg-type]
+        except CheckpointError as e:
+            raise MissingWeights(f"The background-removal model in {self.rembg_dir} cannot be used: {e}",
+                                 missing=[str(e.path or self.rembg_dir)],
+                                 advice="Download BiRefNet again from the add-on Preferences (the file is damaged "
+                                        "or is not a BiRefNet / RMBG-2.0 model.safetensors).") from e
+
+    def remover(self) -> BackgroundRemover | None:
+        """The configured background remover: an explicit callable, else BiRefNet from ``rembg_dir``."""
+        if self.background_remover is not None:
+            return self.background_remover
+        if not self.models.has(REMBG_KEY):
+            return None
+
+        def remove(img: Image.Image) -> Image.Image:
+            from .rembg import BiRefNetRemover
+
+            with self.models.use(REMBG_KEY) as net:  # low-VRAM: back on the CPU before the flows load
+                return BiRefNetRemover(net, self.device)(img)
+
+        return remove
+
+    def cut_out(self, image: Any, background: str = "auto", preprocess: bool = True
+                ) -> tuple[Image.Image, dict[str, Any]]:
+        """The cut-out, square, premultiplied image the model sees, and how it was cut out
+        (``info["background"]``: alpha / model / keyer / none); ``preprocess=False`` uses the image as is."""
+        if not preprocess:
+            return _as_rgb(image), {"background": "none", "mode": "as_is"}
+        img, info = preprocess_with_info(image, self.remover(), background)
+        if info.get("note"):
+            log.info("%s", info["note"])
+        return img, info
+
+    def preprocess(self, run: _Run, image: Any, background: str = "auto", preprocess: bool = True
+                   ) -> tuple[Image.Image, dict[str, Any]]:
+        """:meth:`cut_out` as the job's ``preprocess`` stage (progress, cancel, timing)."""
+        with run.stage_ctx("preprocess"):
+            return self.cut_out(image, background, preprocess)
+
+    def preview_cutout(self, image: Any, background: str = "auto", progress: ProgressFn | None = None,
+                       cancel: CancelToken | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Only the ``preprocess`` stage: ``uint8 [S, S, 3]`` cut-out (what the model will see) and its info."""
+        img, info = self.preprocess(_Run(progress, cancel, self.device), image, background)
+        return np.asarray(img), info
 
     def _rng(self, seed: int) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(int(seed))
@@ -406,13 +464,15 @@ class Trellis2Pipelines:
 
     def generate(self, image: Any, pipeline_type: str | None = None, seed: int = 42,
                  stage_params: dict[str, dict] | None = None, progress: ProgressFn | None = None,
-                 cancel: CancelToken | None = None, *, preprocess: bool = True) -> GenerationResult:
-        """Image → O-Voxel + mesh (see the module docstring). ``image``: path, bytes, PIL or array."""
+                 cancel: CancelToken | None = None, *, preprocess: bool = True,
+                 background: str = "auto") -> GenerationResult:
+        """Image → O-Voxel + mesh (see the module docstring). ``image``: path, bytes, PIL or array;
+        ``background``: the cut-out policy (``auto`` | ``remove`` | ``keep``, see :mod:`.preprocess`)."""
         pt = self._check_type(pipeline_type)
         sp = self._check_stage_params(stage_params)
         run = _Run(progress, cancel, self.device)
-        with run.stage_ctx("preprocess"):
-            img = preprocess_image(image, self.background_remover) if preprocess else _as_rgb(image)
+        img, info = self.preprocess(run, image, background, preprocess)
+        run.check()
         gen = self._rng(seed)
         with run.stage_ctx("cond", 1 if pt == "512" else 2):
             cond_512 = self.get_cond(img, 512)
@@ -441,7 +501,9 @@ class Trellis2Pipelines:
                                           sp.get("shape_slat"))
             cond = cond_1024
         del ss_full
-        return self._finish(run, state, shape, cond, gen, res, "512" if pt == "512" else "1024", sp)
+        out = self._finish(run, state, shape, cond, gen, res, "512" if pt == "512" else "1024", sp)
+        out.preprocess_info = info
+        return out
 
     def _cascade_hr(self, run: _Run, lr: SparseTensor, cond_1024: torch.Tensor, gen: torch.Generator,
                     nominal_hr: int, params: dict | None) -> tuple[SparseTensor, int]:
@@ -515,7 +577,7 @@ class Trellis2Pipelines:
                 transform: np.ndarray | None = None, y_up: bool = False, seed: int = 42, resolution: int = 1024,
                 texture_size: int = 2048, stage_params: dict[str, dict] | None = None,
                 progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-                preprocess: bool = True) -> TextureResult:
+                preprocess: bool = True, background: str = "auto") -> TextureResult:
         """Texture an existing mesh from an image, baking into the mesh's own UVs (spec §3).
 
         Args:
@@ -532,7 +594,7 @@ class Trellis2Pipelines:
         return run_texturing(self, vertices, faces, image, uvs=uvs, transform=transform, y_up=y_up, seed=seed,
                              resolution=resolution, texture_size=texture_size,
                              stage_params=self._check_stage_params(stage_params),
-                             run=_Run(progress, cancel, self.device), preprocess=preprocess)
+                             run=_Run(progress, cancel, self.device), preprocess=preprocess, background=background)
 
 
 def _as_rgb(image: Any) -> Image.Image:

@@ -1,9 +1,10 @@
 """Image loading and preprocessing exactly as the official ``preprocess_image`` (spec §2.1).
 
-* RGBA with a real alpha (some value < 255) is used as is; everything else goes through background
-  removal: a model-based remover when one is configured (:class:`BackgroundRemover`), else the
-  built-in keyer for plain backgrounds (flood fill from the border). Palette / LA images carrying
-  transparency are converted to RGBA first.
+* Background policy (:data:`BACKGROUND_MODES`, default ``auto``): RGBA with a real alpha (some value
+  < 255) is used as is; everything else goes through background removal: the model-based remover when
+  one is configured (:class:`BackgroundRemover`, BiRefNet in :mod:`.rembg`), else the built-in keyer for
+  plain backgrounds (flood fill from the border), which says so. ``remove`` ignores the alpha channel,
+  ``keep`` skips removal. Palette / LA images carrying transparency are converted to RGBA first.
 * Downscale to ``max side ≤ 1024`` (LANCZOS), square crop on the ``alpha > 0.8`` box (no margin,
   PIL rounding), premultiply onto black, result RGB ``uint8``.
 * Guards: unreadable / corrupt files, decompression bombs (> :data:`MAX_PIXELS`), fully transparent
@@ -25,8 +26,8 @@ from PIL import Image
 
 from ..errors import BadInput
 
-__all__ = ["MAX_PIXELS", "BackgroundRemover", "load_image", "has_real_alpha", "key_plain_background",
-           "preprocess_image", "imagenet_tensor"]
+__all__ = ["MAX_PIXELS", "BACKGROUND_MODES", "BackgroundRemover", "load_image", "has_real_alpha",
+           "key_plain_background", "preprocess_image", "preprocess_with_info", "imagenet_tensor"]
 
 #: Largest accepted image (pixels); a 20000×20000 image (400 MPix) is refused before decoding.
 MAX_PIXELS = 16384 * 16384 // 2
@@ -140,47 +141,75 @@ def key_plain_background(rgb: np.ndarray, tolerance: float = 24.0, min_border_fr
     return alpha.astype(np.uint8)
 
 
-def _remove_background(rgb_img: Image.Image, remover: BackgroundRemover | None) -> Image.Image:
+#: Background policy shared by the panel, the CLI (``--background``) and the server (``background``).
+BACKGROUND_MODES: tuple[str, ...] = ("auto", "remove", "keep")
+
+_NO_MODEL_ADVICE = ("Download the background-removal model in the add-on Preferences (Background removal › "
+                    "Download BiRefNet, ZhengPeng7/BiRefNet, MIT) or set its folder there; on the command line "
+                    "pass --rembg-model DIR. Or use a PNG with a transparent background.")
+
+
+def _remove_background(rgb_img: Image.Image, remover: BackgroundRemover | None, info: dict[str, Any]
+                       ) -> Image.Image:
+    """Cut the object out with the model, or with the plain-background keyer when no model is configured."""
+    out = rgb_img.copy()
     if remover is not None:
         mask = remover(rgb_img)
         if mask.size != rgb_img.size:
             mask = mask.resize(rgb_img.size, Image.Resampling.BICUBIC)
-        out = rgb_img.copy()
         out.putalpha(mask.convert("L"))
+        info["background"] = "model"
         return out
     alpha = key_plain_background(np.asarray(rgb_img))
     if alpha is None:
         raise BadInput(
-            "The image has no transparency and its background is not a plain colour, so the object "
-            "cannot be cut out. Provide a PNG with an alpha channel (transparent background), or put "
-            "the object on a plain single-colour background, or configure a background-removal model.")
-    out = rgb_img.copy()
+            "The image has no transparency and its background is not a plain colour, so the object cannot be "
+            "cut out without a background-removal model, and none is configured.", advice=_NO_MODEL_ADVICE)
+    info["background"] = "keyer"
+    info["note"] = ("No background-removal model is configured: the plain-background keyer cut the object out. "
+                    "For photos, configure BiRefNet in the Preferences.")
     out.putalpha(Image.fromarray(alpha, "L"))
     return out
 
 
-def preprocess_image(src: Any, remover: BackgroundRemover | None = None) -> Image.Image:
-    """Official preprocessing → square, premultiplied-on-black RGB image (PIL, uint8).
+def preprocess_with_info(src: Any, remover: BackgroundRemover | None = None, background: str = "auto"
+                         ) -> tuple[Image.Image, dict[str, Any]]:
+    """Official preprocessing under a background policy → (square premultiplied RGB image, info).
+
+    ``background``: ``"auto"`` (real alpha is used; otherwise the model when configured, else the
+    plain-background keyer), ``"remove"`` (ignore any alpha channel and cut out with the model / keyer)
+    or ``"keep"`` (no cut-out: the image's own alpha if it has one, else the whole frame).
+    ``info["background"]`` says what was used: ``"alpha"``, ``"model"``, ``"keyer"`` or ``"none"``; a
+    keyer fallback adds ``info["note"]``.
 
     Raises:
-        BadInput: unreadable image, nothing left after background removal, or fully transparent.
+        BadInput: unreadable image, unknown policy, no way to cut the object out (names the preference),
+            nothing left after background removal ("no object found"), or fully transparent.
     """
+    if background not in BACKGROUND_MODES:
+        raise BadInput(f"background must be one of {', '.join(BACKGROUND_MODES)}, got {background!r}.")
     img = _to_rgba_if_transparent(load_image(src))
-    alpha_given = has_real_alpha(img)
+    alpha_given = has_real_alpha(img) and background != "remove"
     scale = min(1.0, 1024 / max(img.size))
     if scale < 1:
         img = img.resize((int(img.width * scale), int(img.height * scale)), Image.Resampling.LANCZOS)
+    info: dict[str, Any] = {"background": "alpha" if alpha_given else "none", "mode": background}
     if alpha_given:
         rgba = img
+    elif background == "keep":
+        rgba = img.convert("RGB").convert("RGBA")
     else:
-        rgba = _remove_background(img.convert("RGB"), remover)
+        rgba = _remove_background(img.convert("RGB"), remover, info)
     arr = np.asarray(rgba)
     alpha = arr[:, :, 3]
     ys, xs = np.nonzero(alpha > 0.8 * 255)
     if xs.size == 0:
         raise BadInput("The image is fully transparent (no pixel with alpha > 80%): there is no object to "
                        "reconstruct." if alpha_given else
-                       "Background removal left no object in the image.")
+                       "No object found: background removal left no pixel above 80% opacity.",
+                       advice=None if alpha_given else
+                       "Check the image shows one object clearly against its background, or use "
+                       "Background: Keep with an image that is already cut out.")
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     size = int(max(x1 - x0, y1 - y0))
@@ -189,7 +218,13 @@ def preprocess_image(src: Any, remover: BackgroundRemover | None = None) -> Imag
     box = (cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2)
     cropped = np.asarray(rgba.crop(box)).astype(np.float32) / 255
     out = cropped[:, :, :3] * cropped[:, :, 3:4]
-    return Image.fromarray((out * 255).astype(np.uint8))
+    info["coverage"] = float((alpha > 0.8 * 255).mean())
+    return Image.fromarray((out * 255).astype(np.uint8)), info
+
+
+def preprocess_image(src: Any, remover: BackgroundRemover | None = None, background: str = "auto") -> Image.Image:
+    """Official preprocessing → square, premultiplied-on-black RGB image (see :func:`preprocess_with_info`)."""
+    return preprocess_with_info(src, remover, background)[0]
 
 
 def imagenet_tensor(img: Image.Image, resolution: int) -> np.ndarray:

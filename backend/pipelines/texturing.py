@@ -19,7 +19,6 @@ from . import TextureResult
 from ..errors import BadInput
 from ..modules.sparse import SparseTensor
 from .bake import bake_pbr, corner_uvs, unwrap_uvs, validate_mesh
-from .preprocess import preprocess_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Trellis2Pipelines, _Run
@@ -78,10 +77,10 @@ def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, 
 @torch.no_grad()
 def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.ndarray, image: Any, *,
                   uvs: np.ndarray | None, transform: np.ndarray | None, y_up: bool, seed: int, resolution: int,
-                  texture_size: int, stage_params: dict, run: "_Run", preprocess: bool = True) -> TextureResult:
+                  texture_size: int, stage_params: dict, run: "_Run", preprocess: bool = True,
+                  background: str = "auto") -> TextureResult:
     """See :meth:`Trellis2Pipelines.texture`."""
     from .. import ovoxel
-    from .pipeline import _as_rgb
 
     if not isinstance(resolution, int) or resolution % 64 or not 64 <= resolution <= 2048:
         raise BadInput(f"texturing resolution must be 512, 1024 or 1536 (any multiple of 64 up to 2048), "
@@ -102,7 +101,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
             uv_created = True
         world = _apply_transform(geo_v, transform, y_up)
         unit, center, scale = normalize_to_unit_cube(world, geo_f)
-        img = preprocess_image(image, pipe.background_remover) if preprocess else _as_rgb(image)
+        img, _ = pipe.cut_out(image, background, preprocess)
     gen = pipe._rng(seed)
     res = pipe._res(resolution)
     with run.stage_ctx("cond"):
