@@ -76,9 +76,9 @@ ALLOWED_DTYPES: frozenset[str] = frozenset({
 BACKEND_MESSAGES: frozenset[str] = frozenset(
     {"hello", "status", "progress", "result", "error", "cancelled", "log", "pong"})
 CLIENT_MESSAGES: frozenset[str] = frozenset(
-    {"generate", "texture", "upscale", "cancel", "unload", "shutdown", "ping"})
+    {"generate", "texture", "upscale", "cutout", "cancel", "unload", "shutdown", "ping"})
 MESSAGE_TYPES: frozenset[str] = BACKEND_MESSAGES | CLIENT_MESSAGES
-JOB_MESSAGES: frozenset[str] = frozenset({"generate", "texture", "upscale"})
+JOB_MESSAGES: frozenset[str] = frozenset({"generate", "texture", "upscale", "cutout"})
 # error kinds; "crashed" is made by the add-on's client when the backend process dies under a job
 ERROR_KINDS: tuple[str, ...] = (
     "oom", "missing_dependency", "missing_weights", "bad_input", "cancelled", "internal", "protocol", "crashed")
@@ -503,7 +503,9 @@ def describe_messages() -> dict[str, str]:
         "cancelled": "job, stage, step",
         "log": "level, text (throttled)",
         "pong": "echo of the ping's fields and arrays",
-        "generate": "job, image (path) or arrays.image_png (bytes), seed, pipeline_type, settings...",
+        "generate": "job, image (path) or arrays.image_png (bytes), seed, pipeline_type, background "
+                    "(auto|remove|keep), settings...",
+        "cutout": "job, image or arrays.image_png, background: runs only preprocessing; result arrays.preprocessed",
         "texture": "job, image, seed, ..., arrays: vertices, faces, uvs",
         "upscale": "job, source_job, target",
         "cancel": "job (omit: everything)",

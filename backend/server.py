@@ -150,7 +150,7 @@ class PipelineRunner:
         """What a loaded pipeline depends on: model folders, device, low-VRAM mode, precision."""
         return (m.get("model_dir") or self.model_dir, m.get("device", self.device), m.get("dinov3_dir") or None,
                 m.get("ss_decoder_dir") or None, bool(m.get("low_vram", self.low_vram)),
-                str(m.get("precision") or "auto"))
+                str(m.get("precision") or "auto"), m.get("rembg_dir") or None)
 
     def _pipeline(self, ctx: JobContext):
         """The pipeline for this job's settings; loaded on first use and reloaded (models freed first)
@@ -167,7 +167,7 @@ class PipelineRunner:
                 raise _errors.MissingWeights("No model folder configured (set it in the add-on Preferences).")
             self.server_status(ctx, "loading")
             self._pipe = pipelines.load_pipeline(model_dir, device=key[1], dinov3_dir=key[2], ss_decoder_dir=key[3],
-                                                 low_vram=key[4], precision=key[5])
+                                                 low_vram=key[4], precision=key[5], rembg_dir=key[6])
             self._pipe_key = key
             self.loaded = True
             self.server_status(ctx, "busy")
@@ -187,9 +187,15 @@ class PipelineRunner:
         common = {"stage_params": s.get("stage_params") or {}, "progress": ctx.progress, "cancel": ctx.cancel}
         if ctx.kind == "generate":
             res = pipe.generate(_load_image(ctx), pipeline_type=s.get("pipeline_type") or None,
-                                seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)), **common)
+                                seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)),
+                                background=background_policy(s), **common)
             res.state.save(ctx.job.root / "state")
-            return "mesh", _generation_meta(res), _generation_arrays(res, s)
+            arrays = _generation_arrays(res, s)
+            arrays["preprocessed"] = np.ascontiguousarray(res.state.image, np.uint8)
+            return "mesh", {**_generation_meta(res), "background": res.preprocess_info}, arrays
+        if ctx.kind == "cutout":  # preview of what the model will see: only the preprocess stage runs
+            img, info = pipe.preview_cutout(_load_image(ctx), background_policy(s), ctx.progress, ctx.cancel)
+            return "cutout", {"background": info}, {"preprocessed": img}
         if ctx.kind == "upscale":
             from .pipelines import JobState
 
@@ -211,7 +217,8 @@ class PipelineRunner:
             tex = pipe.texture(a["vertices"], a["faces"], _load_image(ctx), uvs=uvs, transform=a.get("matrix"),
                                seed=int(s.get("seed", 42)), resolution=int(s.get("resolution", 1024)),
                                texture_size=int(s.get("texture_size", 2048)),
-                               preprocess=bool(s.get("preprocess", True)), **common)
+                               preprocess=bool(s.get("preprocess", True)), background=background_policy(s),
+                               **common)
             meta = {"uv_created": bool(tex.uv_created), "resolution": int(tex.resolution),
                     "coverage": float(tex.coverage), "timings": dict(tex.timings)}
             arrays = {"base_color": tex.base_color, "metallic_roughness": tex.metallic_roughness,
@@ -236,6 +243,16 @@ class PipelineRunner:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def background_policy(msg: dict[str, Any]) -> str:
+    """The request's cut-out policy: ``background`` (auto|remove|keep); the add-on's older boolean
+    ``remove_background`` maps to auto (True) / keep (False)."""
+    if msg.get("background") is not None:
+        return str(msg["background"])
+    if "remove_background" in msg:
+        return "auto" if msg["remove_background"] else "keep"
+    return "auto"
 
 
 def _load_image(ctx: JobContext):

@@ -221,3 +221,21 @@ def test_header_reader(tmp_path: Path) -> None:
     f = tmp_path / "a.safetensors"
     save_file({"w": torch.zeros(2, 3, dtype=torch.bfloat16), "i": torch.zeros(4, dtype=torch.int32)}, str(f))
     assert read_safetensors_header(f) == {"w": ((2, 3), "BF16"), "i": ((4,), "I32")}
+
+
+def test_header_length_with_a_pickle_like_first_byte_is_still_safetensors(tmp_path: Path) -> None:
+    """A header length whose low byte is 0x80 (1 file in 256) must not be mistaken for a pickle."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from backend.models import read_safetensors_header
+
+    path = tmp_path / "m.safetensors"
+    for pad in range(400):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    assert n & 0xFF == 0x80
+    assert read_safetensors_header(path) == {"w": ((2,), "F32")}

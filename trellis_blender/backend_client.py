@@ -462,9 +462,20 @@ class BackendClient:
                  job: str | None = None, **settings: Any) -> str:
         """Queue an image->3D job (``image`` path, or ``image_png`` bytes of an internal image).
 
-        ``settings``: seed, pipeline_type, stage_params, decimation_target, texture_size, output...
+        ``settings``: seed, pipeline_type, stage_params, decimation_target, texture_size, output,
+        background (auto|remove|keep)...
         """
-        msg: dict[str, Any] = {"type": "generate", **settings}
+        return self._image_job("generate", image, image_png, job, settings)
+
+    def cutout(self, *, image: str | os.PathLike | None = None, image_png: bytes | None = None,
+               job: str | None = None, **settings: Any) -> str:
+        """Queue a cut-out preview: only the backend's preprocessing runs (background removal, crop);
+        the result's ``arrays["preprocessed"]`` is the image the model would see."""
+        return self._image_job("cutout", image, image_png, job, settings)
+
+    def _image_job(self, kind: str, image: str | os.PathLike | None, image_png: bytes | None, job: str | None,
+                   settings: dict[str, Any]) -> str:
+        msg: dict[str, Any] = {"type": kind, **settings}
         if job:
             msg["job"] = job
         if image is not None:

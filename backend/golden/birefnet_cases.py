@@ -11,7 +11,6 @@ Which backbone and seed a case uses is read from its JSON, never assumed.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 
 from . import CaseReport
-from ..models.birefnet import BiRefNet, config_from_shapes
-from ..modules.swin import relative_position_index
+from ..models.birefnet import BiRefNet, config_from_shapes, recipe_weights
 
-__all__ = ["is_birefnet_folder", "recipe_weights", "build_recipe_model", "run_birefnet_case",
+__all__ = ["is_birefnet_folder", "build_recipe_model", "run_birefnet_case",
            "birefnet_case_names", "capture_intermediates"]
 
 
@@ -33,39 +31,6 @@ def is_birefnet_folder(root: Path) -> bool:
 
 def birefnet_case_names(root: Path) -> list[str]:
     return sorted(p.stem.removeprefix("case_") for p in Path(root).glob("case_*.json"))
-
-
-def recipe_weights(manifest: list[dict[str, Any]], base_seed: int = 1234) -> dict[str, torch.Tensor]:
-    """The README's deterministic test-weight recipe v1 (one generator per key, in sorted-key order)."""
-    shapes = {t["name"]: list(t["shape"]) for t in manifest}
-    dtypes = {t["name"]: t["dtype"] for t in manifest}
-    names = sorted(shapes)
-    bn = {n[: -len(".running_mean")] for n in names if n.endswith(".running_mean")}
-    out: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(names):
-        shape = shapes[name]
-        prefix, leaf = name.rsplit(".", 1)
-        if dtypes[name] == "int64":
-            out[name] = relative_position_index(math.isqrt(shape[0])) if leaf == "relative_position_index" \
-                else torch.zeros(shape, dtype=torch.int64)
-            continue
-        g = torch.Generator().manual_seed(base_seed + i)
-        if leaf == "relative_position_bias_table":
-            t = 0.5 * torch.randn(shape, generator=g)
-        elif prefix in bn and leaf == "running_var":
-            t = 0.5 + torch.rand(shape, generator=g)
-        elif prefix in bn:
-            t = torch.randn(shape, generator=g)
-            t = 1 + 0.1 * t if leaf == "weight" else 0.1 * t
-        elif len(shape) >= 2:
-            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif len(shapes[prefix + ".weight"]) == 1:
-            t = torch.randn(shape, generator=g)
-            t = 1 + 0.1 * t if leaf == "weight" else 0.05 * t
-        else:
-            t = 0.02 * torch.randn(shape, generator=g)
-        out[name] = t
-    return out
 
 
 def build_recipe_model(manifest_path: Path, base_seed: int = 1234) -> BiRefNet:

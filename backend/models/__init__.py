@@ -194,8 +194,11 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[:2] in (b"\x1f\x8b",):
+            head = f.read(9)
+            # a safetensors file is <u64 header length><"{"...>; only a file that is not one is checked
+            # against the pickle / zip / gzip signatures (a length whose low byte is 0x80 is legal)
+            signature = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[:2] == b"\x1f\x8b"
+            if signature and head[8:9] != b"{":
                 kind = "zip archive (torch.save)" if head[:2] == b"PK" else \
                     "gzip file" if head[:2] == b"\x1f\x8b" else "Python pickle"
                 raise CheckpointError(
@@ -204,7 +207,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[tuple[in
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes; truncated?)",
                                       path)
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
             if n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(
                     f"{path}: not a valid safetensors file (header length {n} vs file size {size}); "

@@ -16,6 +16,7 @@ Every bilinear resize is ``align_corners=True``; input H and W must be multiples
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modules.deform_conv import DeformableConv2d
-from ..modules.swin import SwinTransformer
+from ..modules.swin import SwinTransformer, relative_position_index
 
 __all__ = ["BiRefNetConfig", "BiRefNet", "BACKBONES", "UNUSED_KEYS", "config_from_shapes",
-           "load_birefnet", "birefnet_weights_file"]
+           "load_birefnet", "birefnet_weights_file", "recipe_weights"]
 
 #: Upstream's Swin v1 backbones: embed dim, depths, heads, window.
 BACKBONES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int]] = {
@@ -278,7 +279,42 @@ class BiRefNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# loading
+# loading and test weights
+
+
+def recipe_weights(manifest: list[dict[str, Any]], base_seed: int = 1234) -> dict[str, torch.Tensor]:
+    """Deterministic test weights, recipe v1 of ``shared/golden_birefnet`` (one generator per key, seeded
+    ``base_seed + index`` in sorted-key order; ``manifest`` = ``[{"name", "shape", "dtype"}, ...]``)."""
+    shapes = {t["name"]: list(t["shape"]) for t in manifest}
+    dtypes = {t["name"]: t["dtype"] for t in manifest}
+    names = sorted(shapes)
+    bn = {n[: -len(".running_mean")] for n in names if n.endswith(".running_mean")}
+    out: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(names):
+        shape = shapes[name]
+        prefix, leaf = name.rsplit(".", 1)
+        if dtypes[name] == "int64":
+            out[name] = relative_position_index(math.isqrt(shape[0])) if leaf == "relative_position_index" \
+                else torch.zeros(shape, dtype=torch.int64)
+            continue
+        g = torch.Generator().manual_seed(base_seed + i)
+        if leaf == "relative_position_bias_table":
+            t = 0.5 * torch.randn(shape, generator=g)
+        elif prefix in bn and leaf == "running_var":
+            t = 0.5 + torch.rand(shape, generator=g)
+        elif prefix in bn:
+            t = torch.randn(shape, generator=g)
+            t = 1 + 0.1 * t if leaf == "weight" else 0.1 * t
+        elif len(shape) >= 2:
+            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif len(shapes[prefix + ".weight"]) == 1:
+            t = torch.randn(shape, generator=g)
+            t = 1 + 0.1 * t if leaf == "weight" else 0.05 * t
+        else:
+            t = 0.02 * torch.randn(shape, generator=g)
+        out[name] = t
+    return out
+
 
 
 def birefnet_weights_file(folder: str | os.PathLike) -> Path:
@@ -331,3 +367,59 @@ def load_birefnet(folder: str | os.PathLike, device: str | torch.device = "cpu",
     if dtype != torch.float32:
         model.to(dtype)
     return model.eval()
+
+
+def write_birefnet_file(model: BiRefNet, folder: str | os.PathLike, *, backbone: str | None = None,
+                        with_unused: bool = True) -> Path:
+    """Save ``model`` in the HF layout: ``folder/model.safetensors`` with F16 floats and I64 buffers
+    (plus zero-valued training-only tensors, like the released file) and a ``config.json``."""
+    from safetensors.torch import save_file
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().cpu()
+          for k, v in model.state_dict().items()}
+    if with_unused:
+        cfg = model.config
+        for lvl, ch in zip((4, 3, 2), cfg.lateral_channels[1:]):
+            sd[f"decoder.conv_ms_spvn_{lvl}.weight"] = torch.zeros(1, ch, 1, 1, dtype=torch.float16)
+            sd[f"decoder.conv_ms_spvn_{lvl}.bias"] = torch.zeros(1, dtype=torch.float16)
+            sd[f"decoder.gdt_convs_pred_{lvl}.0.weight"] = torch.zeros(1, cfg.gdt_channels, 1, 1, dtype=torch.float16)
+            sd[f"decoder.gdt_convs_pred_{lvl}.0.bias"] = torch.zeros(1, dtype=torch.float16)
+    save_file(sd, str(root / "model.safetensors"), metadata={"format": "pt"})
+    meta = {"architectures": ["BiRefNet"], "bb_pretrained": False, "trellis2_config": model.config.to_dict()}
+    if backbone:
+        meta["bb"] = backbone
+    (root / "config.json").write_text(json.dumps(meta, indent=1))
+    return root / "model.safetensors"
+
+
+#: Sizes of the tiny test remover (``trellis2 make-tiny``): Swin width 16, window 7, 16-wide decoder.
+TINY_CONFIG = BiRefNetConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=7,
+                             dec_channels_inter=16, ipt_channels_inter=16, aspp_channels=16, gdt_channels=16)
+
+
+@torch.no_grad()
+def write_tiny_birefnet(folder: str | os.PathLike, seed: int = 0, foreground: float = 0.35) -> Path:
+    """A tiny BiRefNet with recipe-style random weights, saved in the HF layout.
+
+    Its last layer is calibrated (logit spread ≈ 2, bias shifted) so that about ``foreground`` of a
+    typical image is cut out as opaque (alpha > 0.8) and the rest fades out, so a pipeline run through it
+    yields an object (random weights carry no semantics).
+    """
+    model = BiRefNet(TINY_CONFIG)
+    man = [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+           for k, v in model.state_dict().items()]
+    model.load_state_dict(recipe_weights(man, 1234 + seed), strict=True)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.randn(1, 3, 16, 16, generator=gen), size=(512, 512), mode="bilinear",
+                      align_corners=True) * 1.5  # smooth, image-like statistics
+    head = model.decoder.conv_out1[0]
+    logits = model(x)[-1].flatten()
+    head.weight *= 2.0 / float(logits.std())
+    head.bias.zero_()
+    logits = model(x)[-1].flatten()
+    # logit of alpha 0.8 is log(4): put the (1 - foreground) quantile just above it
+    head.bias += math.log(4.0) + 0.25 - float(torch.quantile(logits, 1 - foreground))
+    return write_birefnet_file(model, folder)

@@ -33,6 +33,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="cascade token budget (official 49152; lower uses less VRAM, steps the 1536 grid down)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--background", default="auto", choices=("auto", "remove", "keep"),
+                   help="cut-out policy: auto = the image's alpha if it has one, else the background-removal "
+                        "model (--rembg-model), else the plain-background keyer; remove = ignore alpha and "
+                        "cut out; keep = no cut-out (default auto)")
+    p.add_argument("--rembg-model", dest="rembg_dir", default=None,
+                   help="BiRefNet / RMBG-2.0 folder (model.safetensors), e.g. a download of ZhengPeng7/BiRefNet")
     p.add_argument("--texture-size", type=int, default=2048)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     for st in _STAGES:
@@ -71,7 +77,7 @@ def _open(args: argparse.Namespace, texturing_only: bool = False):
     budget = token_budget(args.max_tokens)  # checked before any model is touched
     pipe = load_pipeline(args.model_dir, dinov3_dir=args.dinov3_dir, ss_decoder_dir=args.ss_decoder_dir,
                          device=args.device, low_vram=args.low_vram, texturing_only=texturing_only,
-                         precision=args.precision)
+                         precision=args.precision, rembg_dir=args.rembg_dir)
     pipe.max_num_tokens = budget
     return pipe
 
@@ -98,12 +104,21 @@ def _export_generation(res, args: argparse.Namespace, device=None) -> None:
           f"{res.num_voxels} voxels", file=sys.stderr)
 
 
+def _print_cutout(info: dict[str, Any]) -> None:
+    how = {"alpha": "the image's alpha channel", "model": "the background-removal model",
+           "keyer": "the plain-background keyer", "none": "none (image used as is)"}
+    print(f"cut-out: {how.get(info.get('background'), info.get('background'))}", file=sys.stderr)
+    if info.get("note"):
+        print(f"note: {info['note']}", file=sys.stderr)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     def go() -> int:
         pipe = _open(args)
         t = time.perf_counter()
         res = pipe.generate(args.image, args.pipeline, seed=args.seed, stage_params=_stage_params(args),
-                            progress=_progress(args.quiet))
+                            progress=_progress(args.quiet), background=args.background)
+        _print_cutout(res.preprocess_info)
         _export_generation(res, args, pipe.device)
         print(f"done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         return 0
@@ -144,7 +159,7 @@ def _cmd_texture(args: argparse.Namespace) -> int:
         pipe = _open(args, texturing_only=True)
         res = pipe.texture(v, f, args.image, uvs=uv, y_up=y_up, seed=args.seed, resolution=args.resolution,
                            texture_size=args.texture_size, stage_params=_stage_params(args),
-                           progress=_progress(args.quiet))
+                           progress=_progress(args.quiet), background=args.background)
         # the GLB keeps the input's own frame and scale (only the textures are new)
         write_glb(args.output, res.vertices, res.faces, res.uvs, res.base_color, res.metallic_roughness,
                   z_up=not y_up)

@@ -6,6 +6,7 @@
     folder/ckpts/<official stem>.json + .safetensors          (8 TRELLIS.2 models + shape encoder)
     folder/ckpts/ss_dec_conv3d_16l8_fp16.json + .safetensors  (the TRELLIS v1 SS decoder, found by stem)
     folder/dinov3/config.json + model.safetensors             (DINOv3 ViT in the HF layout, width 64)
+    folder/birefnet/config.json + model.safetensors           (BiRefNet background remover, HF layout, Swin width 16)
 
 Every model has the official class and key names, only narrower/shallower (fp32). Grids are
 scaled by ``resolution_scale = 0.25`` (SS flow resolution 4 → SS grid 16; outputs 128 / 256 / 384
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..models.birefnet import write_tiny_birefnet
 
 __all__ = ["write_tiny_pipeline", "write_full_size_pipeline", "TINY_SCALE"]
 
@@ -252,6 +255,7 @@ def write_tiny_pipeline(folder: str | os.PathLike, seed: int = 0, occupancy: flo
             dtypes[key] = dt
     _write_models(root, cfgs, gen, occupancy, file_dtypes=dtypes, saved_cfgs=saved)
     _dinov3(root / "dinov3", gen)
+    write_tiny_birefnet(root / "birefnet", seed)
     return _write_pipeline_json(root, seed, steps=(2, 2, 2), scale=TINY_SCALE)
 
 
