@@ -31,7 +31,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from . import jobs, materials, mesh_import, runtime
+from . import cutout, jobs, materials, mesh_import, runtime
 from .preferences import cache_dir, get_prefs
 from .properties import PIPELINES
 
@@ -302,6 +302,7 @@ def apply_generate(context, rec: jobs.JobRecord) -> "bpy.types.Object":
         material_mode="VERTEX" if bake else mode, save_dir=_texture_dir(rec))
     if meta.get("resolution"):
         obj["trellis2_resolution"] = int(meta["resolution"])
+    cutout.apply_result(context, arrays, dict((rec.result or {}).get("meta") or {}))
     if bake:  # the backend sent voxel attributes only: bake them into textures here
         res = int(meta.get("resolution") or (int(np.asarray(arrays["coords"]).max()) + 1))
         size = int(rec.request.get("texture_size") or settings.texture_size)
@@ -370,7 +371,11 @@ def apply_texture(context, rec: jobs.JobRecord) -> "bpy.types.Object":
     return obj
 
 
-APPLY = {"generate": apply_generate, "texture": apply_texture, "upscale": apply_upscale}
+def apply_cutout(context, rec: jobs.JobRecord) -> None:
+    cutout.apply_result(context, _result_arrays(rec), dict((rec.result or {}).get("meta") or {}))
+
+
+APPLY = {"generate": apply_generate, "texture": apply_texture, "upscale": apply_upscale, "cutout": apply_cutout}
 
 
 def apply_record(context, rec: jobs.JobRecord):
@@ -472,7 +477,7 @@ class TRELLIS_OT_generate(_JobOperator, bpy.types.Operator):
         else:
             seed = settings.seed
         request = dict(_common_request(context), image=image, seed=int(seed), pipeline_type=pipeline,
-                       stage_params=stage_params(settings), remove_background=bool(settings.remove_background),
+                       stage_params=stage_params(settings), background=settings.background.lower(),
                        decimation_target=int(settings.decimation_target),
                        texture_size=int(settings.texture_size),
                        output="textures" if settings.material_mode == "TEXTURES" else "vertex_attrs")
@@ -480,6 +485,37 @@ class TRELLIS_OT_generate(_JobOperator, bpy.types.Operator):
         extra = {"image_hash": jobs.file_hash(image), "name": name, "material_mode": settings.material_mode}
         try:
             rec = self.submit(context, "generate", request, extra)
+        except Exception as exc:
+            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
+        return self.finish(context, [rec])
+
+
+class TRELLIS_OT_preview_cutout(_JobOperator, bpy.types.Operator):
+    """Show the image the model will see: background removed and cropped, without generating"""
+
+    bl_idname = "trellis.preview_cutout"
+    bl_label = "Preview Cut-out"
+    bl_options = {"REGISTER"}
+
+    filepath: StringProperty(name="Image", subtype="FILE_PATH", default="", options={"SKIP_SAVE"},
+                             description="Image file (default: the panel's image)")
+
+    @classmethod
+    def poll(cls, context):
+        return _poll_common(cls, context)
+
+    def execute(self, context):
+        settings = context.scene.trellis2
+        problem = check_backend_configured(context)
+        if problem:
+            return self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
+        try:
+            image = resolve_image(context, self.filepath)
+        except ValueError as exc:
+            return self.fail(context, str(exc))
+        request = dict(_common_request(context), image=image, background=settings.background.lower())
+        try:
+            rec = self.submit(context, "cutout", request, {"name": bpy.path.display_name_from_filepath(image)})
         except Exception as exc:
             return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
         return self.finish(context, [rec])
@@ -548,7 +584,7 @@ class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
         try:
             for arrays, extra in payloads:
                 req = dict(_common_request(context), image=image, seed=int(seed), texture_size=int(size),
-                           arrays=arrays)
+                           background=settings.background.lower(), arrays=arrays)
                 recs.append(self.submit(context, "texture", req, extra))
         except Exception as exc:
             return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
@@ -952,6 +988,7 @@ class TRELLIS_OT_history_open_folder(bpy.types.Operator):
 
 
 CLASSES = (
+    TRELLIS_OT_preview_cutout,
     TRELLIS_OT_generate, TRELLIS_OT_texture_selected, TRELLIS_OT_upscale, TRELLIS_OT_apply_result,
     TRELLIS_OT_cancel, TRELLIS_OT_backend, TRELLIS_OT_randomize_seed, TRELLIS_OT_use_fp32, TRELLIS_OT_clear_error,
     TRELLIS_OT_import_ovoxel, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,

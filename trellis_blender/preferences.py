@@ -103,7 +103,8 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         name="DINOv3", subtype="DIR_PATH", description="Folder of the DINOv3 image encoder weights")
     rembg_dir: StringProperty(
         name="Background removal", subtype="DIR_PATH",
-        description="Optional background-removal model folder; without it, images need an alpha channel")
+        description="BiRefNet / RMBG-2.0 folder (model.safetensors), e.g. a download of ZhengPeng7/BiRefNet; "
+                    "without it, images need transparency or a plain single-colour background")
     device: EnumProperty(
         name="Device", default="AUTO",
         items=(("AUTO", "Auto", "CUDA when available, else CPU"), ("CUDA", "CUDA", "NVIDIA GPU"),
@@ -173,7 +174,8 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         online = bool(getattr(bpy.app, "online_access", False))
         row.enabled = online
         row.prop(self, "allow_downloads")
-        row.operator("trellis.download_models", icon="URL")
+        row.operator("trellis.download_models", icon="URL").which = "ALL"
+        row.operator("trellis.download_models", text="Download BiRefNet", icon="IMAGE_RGB_ALPHA").which = "REMBG"
         if runtime.download_task is not None:
             task = runtime.download_task
             if task.running:
@@ -286,10 +288,20 @@ class TRELLIS_OT_check_backend(bpy.types.Operator):
 
 class TRELLIS_OT_download_models(bpy.types.Operator):
     """Download DINOv3 (gated: first, so a missing licence acceptance fails fast), the sparse-structure
-    decoder and TRELLIS.2-4B with the backend's Python"""
+    decoder, TRELLIS.2-4B and the BiRefNet background remover with the backend's Python"""
 
     bl_idname = "trellis.download_models"
     bl_label = "Download Models"
+
+    which: EnumProperty(name="What", default="ALL", options={"SKIP_SAVE"}, items=(
+        ("ALL", "All Models", "TRELLIS.2-4B, DINOv3, the sparse-structure decoder and BiRefNet"),
+        ("REMBG", "Background Removal", "Only BiRefNet (ZhengPeng7/BiRefNet, MIT, ~440 MB)")))
+
+    @classmethod
+    def description(cls, context, properties):
+        if properties.which == "REMBG":
+            return "Download the BiRefNet background remover (ZhengPeng7/BiRefNet, MIT, ungated, ~440 MB)"
+        return cls.__doc__
 
     @classmethod
     def poll(cls, context):
@@ -314,11 +326,16 @@ class TRELLIS_OT_download_models(bpy.types.Operator):
             root = os.path.dirname(os.path.normpath(bpy.path.abspath(prefs.model_dir)))
         else:
             root = str(cache_dir(prefs).parent / "models")
+        everything = self.which == "ALL"
         runtime.download_task = tasks.download_task(bpy.path.abspath(prefs.backend_python), root,
-                                                    cache_dir(prefs) / "logs" / "download.log").start()
-        prefs.model_dir = os.path.join(root, "TRELLIS.2-4B")
-        if not prefs.dinov3_dir:
-            prefs.dinov3_dir = os.path.join(root, "dinov3-vitl16-pretrain-lvd1689m")
+                                                    cache_dir(prefs) / "logs" / "download.log",
+                                                    models=everything).start()
+        if everything:
+            prefs.model_dir = os.path.join(root, "TRELLIS.2-4B")
+            if not prefs.dinov3_dir:
+                prefs.dinov3_dir = os.path.join(root, "dinov3-vitl16-pretrain-lvd1689m")
+        if not prefs.rembg_dir:
+            prefs.rembg_dir = os.path.join(root, tasks.REMBG_DOWNLOAD[1])
         if bpy.app.background:
             runtime.download_task.wait(timeout=6 * 3600)
             return {"FINISHED"} if runtime.download_task.ok else {"CANCELLED"}

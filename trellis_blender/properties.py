@@ -21,15 +21,24 @@ MATERIAL_MODES = (
     ("TEXTURES", "Baked Textures", "Base colour and metallic/roughness images on a UV map (exportable)"),
     ("VERTEX", "Vertex Attributes", "Fast preview: PBR values stored per vertex"),
 )
+BACKGROUND_MODES = (
+    ("AUTO", "Auto", "Use the image's transparency if it has any; otherwise cut the object out with the "
+                     "background-removal model (or, without one, a plain-colour background keyer)"),
+    ("REMOVE", "Remove", "Always cut the object out with the background-removal model (ignores the alpha channel)"),
+    ("KEEP", "Keep", "Use the image as it is: no background removal"),
+)
 TEXTURE_SIZES = tuple((str(s), f"{s} px", f"{s}×{s} textures") for s in (512, 1024, 2048, 4096))
 
 
 class TRELLIS_PG_settings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Image", type=bpy.types.Image, description="Input image (a Blender image)")
-    remove_background: BoolProperty(
-        name="Remove Background", default=True,
-        description="Cut the object out of the image first (needs the background-removal model, "
-                    "otherwise the image's alpha channel is used)")
+    background: EnumProperty(
+        name="Background", default="AUTO", items=BACKGROUND_MODES,
+        description="How the object is cut out of the image before generation")
+    cutout_image: PointerProperty(name="Cut-out", type=bpy.types.Image,
+                                  description="The image the model sees (after background removal and crop)")
+    cutout_info: StringProperty(name="Cut-out Info")
+    cutout_note: StringProperty(name="Cut-out Note")
     pipeline: EnumProperty(name="Pipeline", items=PIPELINES, default="1024_cascade")
     seed: IntProperty(name="Seed", default=42, min=0, max=2**31 - 1)
     randomize_seed: BoolProperty(name="Randomize", default=False, description="A new random seed for each run")

@@ -341,7 +341,7 @@ def format_selftest(data: dict, width: int = 90) -> list[str]:
 MODEL_KINDS = {
     "trellis": ("TRELLIS.2-4B snapshot", ("pipeline.json",), "ckpts"),
     "dinov3": ("DINOv3 image encoder", ("config.json",), None),
-    "rembg": ("background removal (optional)", (), None),
+    "rembg": ("background removal (optional)", ("model.safetensors",), None),
 }
 
 
@@ -387,6 +387,8 @@ DOWNLOADS: tuple[tuple[str, str, Optional[list]], ...] = (
     ("microsoft/TRELLIS-image-large", "TRELLIS-image-large", ["ckpts/ss_dec_conv3d_16l8_fp16.*"]),
     ("microsoft/TRELLIS.2-4B", "TRELLIS.2-4B", None),
 )
+#: The background remover (MIT, ungated): only the weights and config, never its remote code.
+REMBG_DOWNLOAD: tuple[str, str, Optional[list]] = ("ZhengPeng7/BiRefNet", "BiRefNet", ["model.safetensors", "config.json"])
 
 # One download step, run by the backend's Python: ``python -c CODE REPO FOLDER PATTERNS_JSON``. A gated
 # or unauthorised repository ends with an explanation of what to do (exit code 3), not a traceback.
@@ -407,15 +409,17 @@ except Exception as e:
 """
 
 
-def download_task(python: str, models_root: str, log_path: Path) -> ProcessTask:
+def download_task(python: str, models_root: str, log_path: Path, *, models: bool = True,
+                  rembg: bool = True) -> ProcessTask:
     """Download the weights with ``huggingface_hub.snapshot_download`` in the backend's Python.
 
     Folders are laid out the way the backend's loader looks for them: ``<root>/TRELLIS.2-4B``,
     ``<root>/TRELLIS-image-large/ckpts`` (sparse-structure decoder) and ``<root>/dinov3-…`` (DINOv3 is a
-    gated repository: accept its licence on huggingface.co and log in with ``hf auth login`` first).
+    gated repository: accept its licence on huggingface.co and log in with ``hf auth login`` first);
+    ``rembg`` adds ``<root>/BiRefNet`` (the background remover, ~440 MB, ungated).
     """
     steps, titles = [], []
-    for repo, folder, patterns in DOWNLOADS:
+    for repo, folder, patterns in (DOWNLOADS if models else ()) + ((REMBG_DOWNLOAD,) if rembg else ()):
         steps.append([python, "-c", _DOWNLOAD_CODE, repo, str(Path(models_root) / folder), json.dumps(patterns)])
         titles.append(f"download {repo}")
     env = clean_env()

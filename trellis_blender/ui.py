@@ -104,7 +104,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
         col.template_ID(settings, "image", open="image.open")
         if settings.image is not None:
             col.template_icon(icon_value=layout.icon(settings.image), scale=6.0)
-        col.prop(settings, "remove_background")
+        _draw_background(col, context, settings)
 
         # Settings
         col = layout.column()
@@ -206,6 +206,27 @@ class TRELLIS_MT_object(bpy.types.Menu):
 def draw_object_menu(self, context):
     self.layout.separator()
     self.layout.menu("TRELLIS_MT_object")
+
+
+def _draw_background(col, context, settings) -> None:
+    """Background policy, whether a removal model is set up, and the cut-out the model will see."""
+    from .preferences import get_prefs
+
+    col.separator()
+    row = col.row(align=True)
+    row.prop(settings, "background", expand=True)
+    prefs = get_prefs(context)
+    if settings.background != "KEEP" and not prefs.rembg_dir:
+        box = col.box()
+        box.label(text="No background-removal model: photos need BiRefNet", icon="INFO")
+        box.label(text="(images with transparency or a plain background work)")
+        box.operator("preferences.addon_show", text="Open Preferences", icon="PREFERENCES").module = __package__
+    col.operator("trellis.preview_cutout", icon="IMAGE_RGB_ALPHA")
+    if settings.cutout_image is not None:
+        col.template_icon(icon_value=col.icon(settings.cutout_image), scale=5.0)
+        col.label(text=settings.cutout_info or "Cut-out", icon="CHECKMARK")
+        if settings.cutout_note:
+            col.label(text=settings.cutout_note[:110], icon="INFO")
 
 
 def draw_import_menu(self, context):

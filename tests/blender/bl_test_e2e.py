@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _tiny_models() -> Path:
-    """Tiny checkpoints, written once per tiny.py version (shared by both Blender versions)."""
-    src = REPO / "backend" / "pipelines" / "tiny.py"
-    key = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    """Tiny checkpoints, written once per version of their writers (shared by both Blender versions)."""
+    srcs = (REPO / "backend" / "pipelines" / "tiny.py", REPO / "backend" / "models" / "birefnet.py")
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in srcs)).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"trellis2_tiny_{key}"
     if not (folder / "pipeline.json").is_file():
         from backend.pipelines.tiny import write_tiny_pipeline

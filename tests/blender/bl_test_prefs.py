@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import bpy
@@ -138,7 +139,11 @@ def test_downloads_need_online_access(addon, tmp_path):
             assert not bpy.ops.trellis.download_models.poll()
         tasks = addon_module(addon, "tasks")
         t = tasks.download_task(sys.executable, str(tmp_path), tmp_path / "dl.log")
-        assert [s[3] for s in t.steps] == [r for r, _, _ in tasks.DOWNLOADS]
+        assert [s[3] for s in t.steps] == [r for r, _, _ in tasks.DOWNLOADS] + ["ZhengPeng7/BiRefNet"]
         assert "HF_HUB_OFFLINE" not in t.env
+        # BiRefNet alone: only its weights and config (never its remote code), into <root>/BiRefNet
+        only = tasks.download_task(sys.executable, str(tmp_path), tmp_path / "dl.log", models=False)
+        assert [s[3:5] for s in only.steps] == [["ZhengPeng7/BiRefNet", str(tmp_path / "BiRefNet")]]
+        assert json.loads(only.steps[0][5]) == ["model.safetensors", "config.json"]
     finally:
         p.allow_downloads, p.backend_python = old
