@@ -74,14 +74,17 @@ def _torch_deform_conv2d(x: torch.Tensor, offset: torch.Tensor, mask: torch.Tens
     gx = pos[:, :, 1] * (2.0 / (ws - 1)) - 1
     grid = torch.stack([gx, gy], dim=-1)  # [N, taps, Ho, Wo, 2]
     wmat = weight.reshape(o, c, taps)
-    out = x.new_zeros((n, o, ho, wo))
+    out = x.new_zeros((n, o, ho * wo))
     step = max(1, min(taps, _CHUNK_ELEMENTS // max(1, n * c * ho * wo)))
     for t0 in range(0, taps, step):
         t1 = min(taps, t0 + step)
         g = grid[:, t0:t1].reshape(n, (t1 - t0) * ho, wo, 2)
+        # [N, C, taps·Ho, Wo] is already the im2col layout [N, C·taps, Ho·Wo]: modulate in place, one GEMM
         cols = F.grid_sample(xs, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-        cols = (cols.view(n, c, t1 - t0, ho, wo) * mask[:, None, t0:t1].float()).to(x.dtype)
-        out += torch.einsum("nctyx,oct->noyx", cols, wmat[:, :, t0:t1])
+        cols = cols.view(n, c, t1 - t0, ho * wo).mul_(mask[:, None, t0:t1].reshape(n, 1, t1 - t0, ho * wo))
+        w = wmat[:, :, t0:t1].reshape(o, c * (t1 - t0)).to(x.dtype)
+        out.baddbmm_(w.expand(n, -1, -1), cols.view(n, c * (t1 - t0), ho * wo).to(x.dtype))
+    out = out.view(n, o, ho, wo)
     if bias is not None:
         out += bias.view(1, -1, 1, 1)
     return out
