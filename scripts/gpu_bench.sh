@@ -108,10 +108,12 @@ print("spconv", spconv.__version__, "SubMConv3d ok", tuple(y.features.shape), f"
 if [ "$SMOKE" = 1 ]; then
     KERN_ARGS=(--quick --reps 1); SC_ARGS=(--dtype float32 --sizes 2000 --channels 8 --reps 1 --stage-voxels 2000)
     ATT_ARGS=(--quick --reps 1); FULL_ARGS=(--tiny-configs --steps 2 2 2); PIPE_REPEAT=1
+    REMBG_ARGS=(--tiny --reps 1)
     CPU_TESTS=(--collect-only)
 else
     KERN_ARGS=(--reps 5); SC_ARGS=(--dtype float16 --sizes 100000 1000000 --channels 64 256 --reps 5)
     ATT_ARGS=(--reps 5); FULL_ARGS=(); PIPE_REPEAT=2
+    REMBG_ARGS=(--dtype fp16 --reps 5)
     CPU_TESTS=(-x); "$PY" -c "import xdist" 2>/dev/null && CPU_TESTS+=(-n 8)
 fi
 
@@ -131,6 +133,8 @@ for part in "${PARTS[@]}"; do
         step kernels 150 "$PY" -m benchmarks.kernels --device "$DEV" "${KERN_ARGS[@]}" --json "$OUT/kernels.json"
         step sparse_conv 90 "$PY" -m benchmarks.sparse_conv --device "$DEV" "${SC_ARGS[@]}"
         step attention 90 "$PY" benchmarks/attention.py --device "$DEV" --dtype bfloat16 "${ATT_ARGS[@]}"
+        # background removal at 1024² (Swin-L size, recipe weights; target <= 60 ms fp16 on an H100)
+        step rembg 120 "$PY" -m benchmarks.rembg --device "$DEV" "${REMBG_ARGS[@]}"
         # the CPU-side unit tests of the same code (interpreted kernels, sparse conv, models) on torch 2.11/py3.12
         step tests_cpu 150 "$PY" -m pytest -q -p no:cacheprovider "${CPU_TESTS[@]}" tests/test_kernels_registry.py \
             tests/test_kernels_sparse_conv.py tests/test_kernels_mesh_extract.py tests/test_kernels_attr_sample.py \

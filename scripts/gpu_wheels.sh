@@ -66,6 +66,8 @@ fi
 
 rm -rf .gpu_shared && mkdir -p .gpu_shared
 cp -r "$SHARED/official_state_dict" "$SHARED/golden" .gpu_shared/
+mkdir -p .gpu_shared/golden_birefnet   # the rembg benchmark's manifest and photo (not the 26 MB of cases)
+cp "$SHARED/golden_birefnet/manifest_swin_v1_l.json" "$SHARED/golden_birefnet/case_C_input.png" .gpu_shared/golden_birefnet/
 chmod -R u+w .gpu_shared
 echo "== .gpu_shared ($(du -sh .gpu_shared | cut -f1)): $(ls .gpu_shared | tr '\n' ' ')"
 

@@ -330,3 +330,53 @@ def test_tiny_file_layout(tiny_rembg):
     model = load_birefnet(tiny_rembg)
     path = write_birefnet_file(model, tiny_rembg.parent / "again", with_unused=False)
     assert set(read_safetensors_header(path)) == set(header) - set(UNUSED_KEYS)
+
+
+def test_device_dtype_policy_and_low_vram_wiring(tiny_models, shared_dir, monkeypatch):
+    """fp32 on CPU; fp16/bf16 on GPUs per the precision setting; the model is borrowed through the model
+    manager's ``use`` (which parks it back on the CPU in low-VRAM mode before the flows load)."""
+    import contextlib
+
+    from backend.pipelines import load_pipeline
+    from backend.pipelines.loader import REMBG_KEY
+    from backend.pipelines.rembg import remover_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert remover_dtype("auto", cpu) == remover_dtype("bf16", cpu) == torch.float32
+    assert remover_dtype("auto", cuda) == remover_dtype("fp16", cuda) == torch.float16
+    assert remover_dtype("bf16", cuda) == torch.bfloat16 and remover_dtype("fp32", cuda) == torch.float32
+    pipe = load_pipeline(tiny_models, device="cpu", rembg_dir=tiny_models / "birefnet")
+    used = []
+    real_use = pipe.models.use
+
+    @contextlib.contextmanager
+    def spy(key):
+        used.append(key)
+        with real_use(key) as m:
+            yield m
+
+    monkeypatch.setattr(pipe.models, "use", spy)
+    _, info = pipe.cut_out(cluttered_photo(shared_dir))
+    assert info["background"] == "model" and used == [REMBG_KEY]
+    assert next(pipe.models.get(REMBG_KEY).parameters()).dtype == torch.float32
+
+
+def test_damaged_or_foreign_remover_weights_are_missing_weights(tiny_models, shared_dir, tmp_path):
+    """A truncated or mismatched BiRefNet file fails as missing_weights naming the file / keys, at first use."""
+    import shutil
+
+    from backend.pipelines import load_pipeline
+
+    photo = cluttered_photo(shared_dir)
+    bad = tmp_path / "truncated"
+    shutil.copytree(tiny_models / "birefnet", bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    pipe = load_pipeline(tiny_models, device="cpu", rembg_dir=bad)
+    with pytest.raises(MissingWeights, match="truncated") as ei:
+        pipe.cut_out(photo)
+    assert str(bad / "model.safetensors") in ei.value.missing
+    foreign = _rewrite(tiny_models / "birefnet", tmp_path / "foreign",
+                       lambda sd: sd.pop("decoder.gdt_convs_attn_3.0.weight"))
+    with pytest.raises(MissingWeights, match="gdt_convs_attn_3.0.weight"):
+        load_pipeline(tiny_models, device="cpu", rembg_dir=foreign).cut_out(photo)
