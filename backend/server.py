@@ -219,8 +219,10 @@ class PipelineRunner:
                                texture_size=int(s.get("texture_size", 2048)),
                                preprocess=bool(s.get("preprocess", True)), background=background_policy(s),
                                **common)
+            center, scale = tex.normalization
             meta = {"uv_created": bool(tex.uv_created), "resolution": int(tex.resolution),
-                    "coverage": float(tex.coverage), "timings": dict(tex.timings)}
+                    "coverage": float(tex.coverage), "timings": dict(tex.timings),
+                    "normalization": {"center": [float(c) for c in center], "scale": float(scale)}}
             arrays = {"base_color": tex.base_color, "metallic_roughness": tex.metallic_roughness,
                       "vertices": tex.vertices, "faces": tex.faces, "uvs": tex.uvs}
             return "textures", meta, arrays

@@ -196,3 +196,53 @@ def test_texture_encode_uses_the_gpu_port_with_a_safe_fallback(monkeypatch, capl
     monkeypatch.setattr(ovoxel_encode, "encode_shape_torch", bad)
     with pytest.raises(ovoxel.OVoxelError):
         encode_mesh_shape(v, f, 64, "cpu")
+
+
+def test_texture_reads_only_texturing_pipeline_json(tmp_path):
+    """Sampler and latent normalisations of a texture-only job come from texturing_pipeline.json, as in the
+    official Trellis2TexturingPipeline: editing pipeline.json changes nothing, editing it changes the result."""
+    import json
+    import shutil
+
+    from backend.pipelines.tiny import write_tiny_pipeline
+
+    base = write_tiny_pipeline(tmp_path / "base", seed=1)
+    v, f, uv = _box_with_uvs()
+
+    def run(folder):
+        totals = {}
+        res = load_pipeline(folder, device="cpu").texture(
+            v, f, object_rgba(), uvs=uv, seed=3, resolution=256, texture_size=32,
+            progress=lambda stage, step, total, el: totals.__setitem__(stage, total))
+        return res.base_color, totals["tex_slat"]
+
+    def variant(name, file, edit):
+        d = tmp_path / name
+        shutil.copytree(base, d)
+        cfg = json.loads((d / file).read_text())
+        edit(cfg["args"])
+        (d / file).write_text(json.dumps(cfg))
+        return d
+
+    def scale_norm(args):
+        args["tex_slat_normalization"]["std"] = [s * 3 for s in args["tex_slat_normalization"]["std"]]
+        args["tex_slat_sampler"]["params"]["steps"] = 3
+
+    ref, steps = run(base)
+    assert steps == 2
+    same, steps_p = run(variant("p", "pipeline.json", scale_norm))
+    assert steps_p == 2 and np.array_equal(same, ref)
+    diff, steps_t = run(variant("t", "texturing_pipeline.json", scale_norm))
+    assert steps_t == 3 and not np.array_equal(diff, ref)
+
+
+def test_uv_layout_stats_tell_tiling_and_stacked_layouts():
+    from backend.ovoxel.uvbake import uv_layout_stats
+
+    _, _, uv = _box_with_uvs()
+    good = uv_layout_stats(uv)
+    assert good.in_range == 1.0 and good.overlap < 0.05 and 0.1 < good.coverage < 0.6 and good.problem() is None
+    tiled = uv_layout_stats(uv * 12.0)                       # a tiling material: UVs far outside 0-1
+    assert tiled.in_range < 0.2 and "outside 0–1" in tiled.problem()
+    stacked = uv_layout_stats(np.broadcast_to(uv[:1], uv.shape))   # every face on the same cell
+    assert stacked.in_range == 1.0 and stacked.overlap > 0.9 and "overlapping" in stacked.problem()

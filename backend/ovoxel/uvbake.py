@@ -8,26 +8,19 @@ UV ``v = 1``), as glTF, PIL and the add-on's image builder expect.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["rasterize_uv", "fill_empty_texels", "pack_pbr_textures", "bake_attributes"]
+__all__ = ["rasterize_uv", "fill_empty_texels", "pack_pbr_textures", "bake_attributes", "UVLayoutStats",
+           "uv_layout_stats"]
 
 
-def rasterize_uv(uv: np.ndarray, size: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
-    """Which triangle covers each texel centre, and where.
-
-    Args:
-        uv: ``[F, 3, 2]`` per-corner UVs (wrapped coordinates outside [0,1] are not tiled).
-        size: texture width = height.
-    Returns:
-        ``face [H, W] int64`` (−1 = empty) and ``bary [H, W, 3] float32``. Later faces win overlaps.
-    """
+def _texel_hits(uv: np.ndarray, size: int, chunk: int = 1 << 22) -> Iterator[tuple[np.ndarray, ...]]:
+    """Every (triangle, texel centre) pair with the centre inside the triangle, in chunks of about
+    ``chunk`` candidates: yields ``(face, ty, tx, b0, b1, b2)`` arrays (x right, y down)."""
     H = W = int(size)
-    face_img = np.full((H, W), -1, np.int64)
-    bary_img = np.zeros((H, W, 3), np.float32)
-    # triangle corners in texel space (x right, y down)
     px = uv[:, :, 0] * W - 0.5
     py = (1.0 - uv[:, :, 1]) * H - 0.5
     x0 = np.clip(np.ceil(px.min(1)), 0, W - 1).astype(np.int64)
@@ -45,7 +38,7 @@ def rasterize_uv(uv: np.ndarray, size: int, chunk: int = 1 << 22) -> tuple[np.nd
     valid = (area > 0) & (np.abs(det) > 1e-12)
     idx = np.nonzero(valid)[0]
     if idx.size == 0:
-        return face_img, bary_img
+        return
     cum = np.cumsum(area[idx])
     start = 0
     while start < idx.size:
@@ -67,10 +60,60 @@ def rasterize_uv(uv: np.ndarray, size: int, chunk: int = 1 << 22) -> tuple[np.nd
         b0 = 1.0 - b1 - b2
         eps = -1e-7
         ok = (b0 >= eps) & (b1 >= eps) & (b2 >= eps)
-        face_img[ty[ok], tx[ok]] = f[ok]
-        bary_img[ty[ok], tx[ok]] = np.stack([b0[ok], b1[ok], b2[ok]], -1)
+        yield f[ok], ty[ok], tx[ok], b0[ok], b1[ok], b2[ok]
         start = stop
+
+
+def rasterize_uv(uv: np.ndarray, size: int, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Which triangle covers each texel centre, and where.
+
+    Args:
+        uv: ``[F, 3, 2]`` per-corner UVs (wrapped coordinates outside [0,1] are not tiled).
+        size: texture width = height.
+    Returns:
+        ``face [H, W] int64`` (−1 = empty) and ``bary [H, W, 3] float32``. Later faces win overlaps.
+    """
+    H = W = int(size)
+    face_img = np.full((H, W), -1, np.int64)
+    bary_img = np.zeros((H, W, 3), np.float32)
+    for f, ty, tx, b0, b1, b2 in _texel_hits(uv, size, chunk):
+        face_img[ty, tx] = f
+        bary_img[ty, tx] = np.stack([b0, b1, b2], -1)
     return face_img, bary_img
+
+
+@dataclass(frozen=True)
+class UVLayoutStats:
+    """How usable a UV layout is as a bake target."""
+
+    in_range: float   # fraction of face corners inside [0, 1]² (tiling / UDIM layouts are far below 1)
+    coverage: float   # fraction of texels covered by some triangle
+    overlap: float    # fraction of covered texels covered by two or more triangles (stacked / mirrored UVs)
+
+    def problem(self, min_in_range: float = 0.98, max_overlap: float = 0.2, min_coverage: float = 0.02
+                ) -> Optional[str]:
+        """Why the layout is not a good bake target (None when it is)."""
+        if self.in_range < min_in_range:
+            return f"{1 - self.in_range:.0%} of its UVs lie outside 0–1 (tiling or UDIM)"
+        if self.coverage < min_coverage:
+            return f"it covers only {self.coverage:.1%} of the texture"
+        if self.overlap > max_overlap:
+            return f"{self.overlap:.0%} of its texels are shared by overlapping faces"
+        return None
+
+
+def uv_layout_stats(uv: np.ndarray, size: int = 256) -> UVLayoutStats:
+    """:class:`UVLayoutStats` of per-corner UVs ``[F, 3, 2]``, rasterised at ``size``² texel centres."""
+    uv = np.asarray(uv, np.float64).reshape(-1, 3, 2)
+    if uv.size == 0 or not np.isfinite(uv).all():
+        return UVLayoutStats(0.0, 0.0, 0.0)
+    tol = 1e-3
+    in_range = float(((uv >= -tol) & (uv <= 1 + tol)).all(-1).mean())
+    hits = np.zeros(int(size) * int(size), np.int64)
+    for _f, ty, tx, *_ in _texel_hits(uv, size):
+        hits += np.bincount(ty * int(size) + tx, minlength=hits.size)
+    covered = int((hits > 0).sum())
+    return UVLayoutStats(in_range, covered / hits.size, float((hits > 1).sum()) / covered if covered else 0.0)
 
 
 def fill_empty_texels(img: np.ndarray, filled: np.ndarray, margin: Optional[int] = None) -> np.ndarray:

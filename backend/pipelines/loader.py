@@ -141,16 +141,26 @@ class PipelineConfig:
         scale = float(main_args.get("resolution_scale", 1.0))
         return cls(root, main_args, tex_args, checkpoints, dino, scale)
 
-    def sampler_cfg(self, name: str) -> dict[str, Any]:
-        """``*_sampler`` entry (tex sampler falls back to texturing_pipeline.json)."""
-        for a in (self.args, self.tex_args or {}):
+    def _sources(self, name: str, texturing: bool) -> tuple[dict[str, Any], ...]:
+        """Where ``name`` is read from: texturing_pipeline.json only for the texturing pipeline (as the
+        official ``Trellis2TexturingPipeline``); pipeline.json, then texturing_pipeline.json, otherwise."""
+        if texturing:
+            if self.tex_args is None:
+                raise BadInput(f"{self.model_dir}: texture-only jobs need texturing_pipeline.json.")
+            return (self.tex_args,)
+        return (self.args, self.tex_args or {})
+
+    def sampler_cfg(self, name: str, texturing: bool = False) -> dict[str, Any]:
+        """``*_sampler`` entry (see :meth:`_sources` for which file)."""
+        for a in self._sources(name, texturing):
             if name in a:
                 return a[name]
-        raise BadInput(f"{self.model_dir}: no {name} in the pipeline configs.")
+        raise BadInput(f"{self.model_dir}: no {name} in the "
+                       f"{'texturing pipeline config' if texturing else 'pipeline configs'}.")
 
-    def normalization(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalization(self, name: str, texturing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean [1, C], std [1, C])`` float32 of ``shape_slat_normalization`` / ``tex_slat_normalization``."""
-        for a in (self.args, self.tex_args or {}):
+        for a in self._sources(name, texturing):
             if name in a:
                 n = a[name]
                 return (torch.tensor(n["mean"], dtype=torch.float32)[None],

@@ -202,6 +202,9 @@ class Trellis2Pipelines:
                 self.samplers[key] = sampler_from_config(config.sampler_cfg(key))
             except BadInput:
                 pass
+        if config.tex_args is not None and "tex_slat_sampler" in config.tex_args:  # texture-only jobs
+            self.samplers["texturing.tex_slat_sampler"] = sampler_from_config(
+                config.sampler_cfg("tex_slat_sampler", texturing=True))
         self.default_pipeline_type = config.args.get("default_pipeline_type", "1024_cascade")
         #: token budget of the cascades (official 49152); tests lower it to force the stepping
         self.max_num_tokens = MAX_NUM_TOKENS
@@ -292,11 +295,13 @@ class Trellis2Pipelines:
         """Actual grid resolution of an official nominal one (×``resolution_scale``)."""
         return int(round(nominal * self.scale))
 
-    def _params(self, key: str, overrides: dict[str, Any] | None) -> tuple[FlowEulerGuidanceIntervalSampler,
-                                                                             SamplerParams]:
-        if f"{key}_sampler" not in self.samplers:
-            raise BadInput(f"this pipeline folder has no {key} sampler (opened for texturing only?).")
-        sampler, base = self.samplers[f"{key}_sampler"]
+    def _params(self, key: str, overrides: dict[str, Any] | None, texturing: bool = False
+                ) -> tuple[FlowEulerGuidanceIntervalSampler, SamplerParams]:
+        name = f"{'texturing.' if texturing else ''}{key}_sampler"
+        if name not in self.samplers:
+            raise BadInput(f"this pipeline folder has no {key} sampler "
+                           f"({'texturing_pipeline.json' if texturing else 'opened for texturing only?'}).")
+        sampler, base = self.samplers[name]
         try:
             return sampler, base.merged(overrides)
         except (TypeError, ValueError) as e:
@@ -348,12 +353,12 @@ class Trellis2Pipelines:
         flow = self.models.get("sparse_structure_flow_model")
         return int(flow.resolution) * 4
 
-    def _denorm(self, x: SparseTensor, name: str) -> SparseTensor:
-        mean, std = self.config.normalization(name)
+    def _denorm(self, x: SparseTensor, name: str, texturing: bool = False) -> SparseTensor:
+        mean, std = self.config.normalization(name, texturing)
         return x * std.to(x.device) + mean.to(x.device)
 
-    def _norm(self, x: SparseTensor, name: str) -> SparseTensor:
-        mean, std = self.config.normalization(name)
+    def _norm(self, x: SparseTensor, name: str, texturing: bool = False) -> SparseTensor:
+        mean, std = self.config.normalization(name, texturing)
         return (x - mean.to(x.device)) / std.to(x.device)
 
     @torch.no_grad()
@@ -400,18 +405,19 @@ class Trellis2Pipelines:
 
     @torch.no_grad()
     def sample_tex_slat(self, run: _Run, model_key: str, cond: torch.Tensor, shape_slat: SparseTensor,
-                        gen: torch.Generator, params: dict | None) -> SparseTensor:
-        """Material latent with the normalised shape latent as concat condition; de-normalised."""
-        sampler, p = self._params("tex_slat", params)
+                        gen: torch.Generator, params: dict | None, texturing: bool = False) -> SparseTensor:
+        """Material latent with the normalised shape latent as concat condition; de-normalised.
+        ``texturing``: sampler and normalisations from texturing_pipeline.json (texture-only jobs)."""
+        sampler, p = self._params("tex_slat", params, texturing)
         with run.stage_ctx("tex_slat", p.steps):
-            shape_n = self._norm(shape_slat, "shape_slat_normalization")
+            shape_n = self._norm(shape_slat, "shape_slat_normalization", texturing)
             flow = self.models.get(model_key)
             noise = shape_n.replace(self._randn(gen, shape_n.num_rows, flow.in_channels - shape_n.feats.shape[1]))
             with self.models.use(model_key) as flow:
                 slat = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback,
                                       concat_cond=shape_n)
                 _check_finite(slat, "material", flow)
-            return self._denorm(slat, "tex_slat_normalization")
+            return self._denorm(slat, "tex_slat_normalization", texturing)
 
     @torch.no_grad()
     def decode(self, run: _Run, shape_slat: SparseTensor, tex_slat: SparseTensor, res: int

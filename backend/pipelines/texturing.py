@@ -123,7 +123,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
             shape, hierarchy = encoder(vt.to(dt), it, return_hierarchy=True)
         shape = shape.float()
     tex = pipe.sample_tex_slat(run, "tex_slat_flow_model_512" if resolution <= 512 else "tex_slat_flow_model_1024",
-                               cond, shape, gen, stage_params.get("tex_slat"))
+                               cond, shape, gen, stage_params.get("tex_slat"), texturing=True)
     with run.stage_ctx("decode"):
         with pipe.models.use("tex_slat_decoder") as tdec:
             tv = tdec(tex.to(pipe._dec_dtype(tdec)), hierarchy=hierarchy)
