@@ -31,7 +31,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from . import cutout, jobs, materials, mesh_import, runtime
+from . import cutout, jobs, materials, mesh_import, runtime, texture_objects
 from .preferences import cache_dir, get_prefs
 from .properties import PIPELINES
 
@@ -336,39 +336,7 @@ def apply_upscale(context, rec: jobs.JobRecord) -> "bpy.types.Object":
 
 
 def apply_texture(context, rec: jobs.JobRecord) -> "bpy.types.Object":
-    obj = bpy.data.objects.get(rec.extra["object"])
-    if obj is None or obj.type != "MESH":
-        raise ValueError(f"The object {rec.extra['object']!r} is gone")
-    arrays = _result_arrays(rec)
-    bc = arrays.get("base_color", arrays.get("base_color_texture"))
-    mr = arrays.get("metallic_roughness", arrays.get("metallic_roughness_texture"))
-    if bc is None:
-        raise ValueError("The texture result has no base colour image")
-    me = obj.data
-    uv_name = rec.extra.get("uv_map")
-    if rec.extra.get("new_uv") is not None:
-        uv_name = mesh_import.UV_NAME_NEW
-        if uv_name in me.uv_layers:  # a previous run made it: never overwrite, pick a free name
-            i = 1
-            while f"{uv_name}.{i:03d}" in me.uv_layers:
-                i += 1
-            uv_name = f"{uv_name}.{i:03d}"
-        mesh_import.set_uv_map(me, uv_name, rec.extra["new_uv"])
-    name = f"{obj.name}_TRELLIS"
-    save_dir = _texture_dir(rec)
-    img_bc = materials.image_from_array(f"{name}_BaseColor", bc, save_dir=save_dir)
-    img_mr = materials.image_from_array(f"{name}_MetallicRoughness", mr, non_color=True,
-                                        save_dir=save_dir) if mr is not None else None
-    blended = np.asarray(bc).ndim == 3 and np.asarray(bc).shape[2] == 4 and materials.alpha_varies(np.asarray(bc)[:, :, 3])
-    mat = materials.texture_material(name, img_bc, img_mr, uv_name, blended=blended)
-    me.materials.append(mat)  # old materials stay in their slots
-    idx = len(me.materials) - 1
-    me.polygons.foreach_set("material_index", np.full(len(me.polygons), idx, dtype=np.int32))
-    me.update()
-    obj["trellis2_texture_job"] = rec.job_id
-    if rec.extra.get("image_hash"):
-        obj["trellis2_texture_image_hash"] = rec.extra["image_hash"]
-    return obj
+    return texture_objects.apply_texture(context, rec, _texture_dir(rec))
 
 
 def apply_cutout(context, rec: jobs.JobRecord) -> None:
@@ -522,7 +490,8 @@ class TRELLIS_OT_preview_cutout(_JobOperator, bpy.types.Operator):
 
 
 class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
-    """Texture the selected meshes from the image, baked into their UV maps (a new material is added)"""
+    """Texture the selected meshes from the image, baked into their UV maps (new materials are added; the
+    old ones keep their slots)"""
 
     bl_idname = "trellis.texture_selected"
     bl_label = "Texture Selected"
@@ -566,24 +535,17 @@ class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
         payloads = []
         try:
             for obj in meshes:
-                extra = {"object": obj.name, "image_hash": jobs.file_hash(image)}
-                if obj.data.uv_layers.active is not None:
-                    arrays = mesh_import.triangulated_arrays(obj, depsgraph)
-                    extra["uv_map"] = obj.data.uv_layers.active.name
-                else:
-                    loop_uv, arrays = mesh_import.smart_uv_corners(context, obj)
-                    extra["new_uv"] = loop_uv
-                if "uv" not in arrays:
-                    raise ValueError(f"{obj.name!r}: could not read UVs")
-                uvs = arrays.pop("uv").reshape(-1, 3, 2)
-                arrays["uvs"] = np.ascontiguousarray(uvs, dtype=np.float32)
+                arrays, extra, line = texture_objects.texture_payload(context, obj, depsgraph)
+                extra.update(image_hash=jobs.file_hash(image), material_slots=settings.texture_slots)
                 payloads.append((arrays, extra))
+                self.report({"INFO"}, line)
         except ValueError as exc:
             return self.fail(context, str(exc))
         recs = []
         try:
             for arrays, extra in payloads:
                 req = dict(_common_request(context), image=image, seed=int(seed), texture_size=int(size),
+                           resolution=int(settings.texture_resolution), stage_params=stage_params(settings),
                            background=settings.background.lower(), arrays=arrays)
                 recs.append(self.submit(context, "texture", req, extra))
         except Exception as exc:

@@ -27,6 +27,16 @@ BACKGROUND_MODES = (
     ("REMOVE", "Remove", "Always cut the object out with the background-removal model (ignores the alpha channel)"),
     ("KEEP", "Keep", "Use the image as it is: no background removal"),
 )
+TEXTURE_RESOLUTIONS = (
+    ("512", "512", "Coarse voxels, 512 texture model (fastest)"),
+    ("1024", "1024", "Official default"),
+    ("1536", "1536", "Finest voxels (most memory)"),
+)
+TEXTURE_SLOT_MODES = (
+    ("PER_SLOT", "Per Slot", "Each material slot the faces use gets its own new material (sharing the baked "
+                             "images): the mesh keeps its parts"),
+    ("ONE", "One Material", "All faces get one new material"),
+)
 TEXTURE_SIZES = tuple((str(s), f"{s} px", f"{s}×{s} textures") for s in (512, 1024, 2048, 4096))
 
 
@@ -35,6 +45,12 @@ class TRELLIS_PG_settings(bpy.types.PropertyGroup):
     background: EnumProperty(
         name="Background", default="AUTO", items=BACKGROUND_MODES,
         description="How the object is cut out of the image before generation")
+    texture_resolution: EnumProperty(
+        name="Voxel Resolution", default="1024", items=TEXTURE_RESOLUTIONS,
+        description="O-Voxel grid the selected meshes are voxelised at for Texture Selected")
+    texture_slots: EnumProperty(
+        name="Materials", default="PER_SLOT", items=TEXTURE_SLOT_MODES,
+        description="How Texture Selected assigns the new material to the faces")
     cutout_image: PointerProperty(name="Cut-out", type=bpy.types.Image,
                                   description="The image the model sees (after background removal and crop)")
     cutout_info: StringProperty(name="Cut-out Info")

@@ -147,6 +147,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
             row = layout.row()
             row.enabled = has_image
             row.operator("trellis.texture_selected", icon="TEXTURE")
+            _draw_texture_selected(layout, context, settings)
             if not has_image:
                 layout.label(text="Pick an input image first", icon="INFO")
             if st.last_duration > 0:
@@ -206,6 +207,24 @@ class TRELLIS_MT_object(bpy.types.Menu):
 def draw_object_menu(self, context):
     self.layout.separator()
     self.layout.menu("TRELLIS_MT_object")
+
+
+def _draw_texture_selected(layout, context, settings) -> None:
+    """Texture Selected options, and which UV map the active mesh will be baked into."""
+    header, body = layout.panel("trellis_texture_selected", default_closed=True)
+    header.label(text="Texture Selected")
+    if body is None:
+        return
+    body.prop(settings, "texture_resolution")
+    body.prop(settings, "texture_slots")
+    obj = context.active_object
+    if obj is not None and obj.type == "MESH":
+        me = obj.data
+        if me.uv_layers.active is None:
+            body.label(text=f"{obj.name}: a new UV map 'TRELLIS_UV' will be created", icon="INFO")
+        else:
+            body.label(text=f"{obj.name}: bakes into '{me.uv_layers.active.name}' if it lies inside 0–1",
+                       icon="UV")
 
 
 def _draw_background(col, context, settings) -> None:
