@@ -85,6 +85,7 @@ class JobState:
         lr_coords / lr_feats: the 512-model shape latent (de-normalised) on the 32³ grid, when the run
             computed it (pipelines ``512``, ``1024_cascade``, ``1536_cascade``).
         hr_coords / hr_feats: the final shape latent (de-normalised) of the run.
+        multiview: how several views were combined (``cond_*`` then hold ``[V, L, C]``), else None.
     """
 
     pipeline_type: str
@@ -98,6 +99,7 @@ class JobState:
     lr_feats: np.ndarray | None = None
     hr_coords: np.ndarray | None = None
     hr_feats: np.ndarray | None = None
+    multiview: str | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The array fields that are set (for callers storing the state in their own files)."""
@@ -105,8 +107,11 @@ class JobState:
 
     def meta(self) -> dict[str, Any]:
         """The scalar fields as a JSON-able dict."""
-        return {"pipeline_type": self.pipeline_type, "seed": int(self.seed), "resolution": int(self.resolution),
+        meta = {"pipeline_type": self.pipeline_type, "seed": int(self.seed), "resolution": int(self.resolution),
                 "format": "trellis2-job/1"}
+        if self.multiview:
+            meta["multiview"] = self.multiview
+        return meta
 
     @classmethod
     def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> "JobState":
@@ -114,8 +119,11 @@ class JobState:
         if meta.get("pipeline_type") not in PIPELINE_TYPES:
             raise BadInput(f"unknown pipeline type {meta.get('pipeline_type')!r} in saved job state.")
         try:
+            mv = meta.get("multiview")
+            if mv is not None and mv not in ("stochastic", "multidiffusion"):
+                raise ValueError(f"unknown multiview mode {mv!r}")
             return cls(pipeline_type=meta["pipeline_type"], seed=int(meta["seed"]),
-                       resolution=int(meta["resolution"]),
+                       resolution=int(meta["resolution"]), multiview=mv,
                        **{k: np.asarray(v) for k, v in arrays.items() if k in _STATE_ARRAYS})
         except (KeyError, TypeError, ValueError) as e:
             raise BadInput(f"malformed saved job state: {e}") from e

@@ -30,7 +30,8 @@ from torch import nn
 
 from ..errors import BadInput, MissingWeights
 
-__all__ = ["PipelineConfig", "ModelManager", "resolve_device", "IMAGE_TO_3D_MODELS", "TEXTURING_MODELS"]
+__all__ = ["PipelineConfig", "ModelManager", "resolve_device", "IMAGE_TO_3D_MODELS", "TEXTURING_MODELS",
+           "SS_ENCODER_KEY", "SS_ENCODER_STEM"]
 
 IMAGE_TO_3D_MODELS = ("sparse_structure_flow_model", "sparse_structure_decoder", "shape_slat_flow_model_512",
                       "shape_slat_flow_model_1024", "shape_slat_decoder", "tex_slat_flow_model_512",
@@ -39,6 +40,9 @@ TEXTURING_MODELS = ("shape_slat_encoder", "tex_slat_decoder", "tex_slat_flow_mod
 DINOV3_KEY = "image_cond_model"
 #: ModelManager key of the optional background-removal model (BiRefNet / RMBG-2.0).
 REMBG_KEY = "rembg_model"
+#: Optional TRELLIS v1 sparse-structure encoder (blockout guidance below strength 1), found next to the decoder.
+SS_ENCODER_KEY = "sparse_structure_encoder"
+SS_ENCODER_STEM = "ss_enc_conv3d_16l8_fp16"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -123,6 +127,12 @@ class PipelineConfig:
                 missing.append(f"{key}: {where}")
             else:
                 checkpoints[key] = found
+        if "sparse_structure_decoder" in checkpoints:   # optional: only blockout guidance (strength < 1) needs it
+            enc = next((d / SS_ENCODER_STEM for d in [checkpoints["sparse_structure_decoder"].parent, *ss_dirs]
+                        if (d / f"{SS_ENCODER_STEM}.json").is_file() and (d / f"{SS_ENCODER_STEM}.safetensors").is_file()),
+                       None)
+            if enc is not None:
+                checkpoints[SS_ENCODER_KEY] = enc
         dino_candidates = [Path(dinov3_dir).expanduser()] if dinov3_dir else \
             [root / "dinov3", root.parent / "dinov3-vitl16-pretrain-lvd1689m", root / "dinov3-vitl16-pretrain-lvd1689m"]
         dino = next((d for d in dino_candidates if (d / "model.safetensors").is_file() and (d / "config.json").is_file()),

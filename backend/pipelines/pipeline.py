@@ -38,9 +38,11 @@ from PIL import Image
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
 from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
-from .loader import DINOV3_KEY, REMBG_KEY, ModelManager, PipelineConfig, resolve_device
+from .loader import DINOV3_KEY, REMBG_KEY, SS_ENCODER_KEY, SS_ENCODER_STEM, ModelManager, PipelineConfig, resolve_device
 from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_with_info
-from .sampler import FlowEulerGuidanceIntervalSampler, SamplerParams, sampler_from_config
+from .guide import GuideMesh
+from .sampler import (MULTIVIEW_MODES, FlowEulerGuidanceIntervalSampler, MultiViewCond, SamplerParams,
+                      neg_cond_like, sampler_from_config, time_schedule)
 
 __all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", "token_budget", "fdg_head",
            "quantize_coords"]
@@ -318,15 +320,29 @@ class Trellis2Pipelines:
             return DinoV3FeatureExtractor(vit, resolution).extract_features(x).float()
 
     @torch.no_grad()
-    def sample_sparse_structure(self, run: _Run, cond: torch.Tensor, gen: torch.Generator,
-                                params: dict | None) -> torch.Tensor:
-        """Occupancy coords ``[M, 4]`` at the SS decoder's native grid (unpooled)."""
+    def sample_sparse_structure(self, run: _Run, cond: Any, gen: torch.Generator, params: dict | None,
+                                guide: GuideMesh | None = None) -> torch.Tensor:
+        """Occupancy coords ``[M, 4]`` at the SS decoder's native grid (unpooled). With a ``guide``
+        (blockout): its occupancy at strength 1, SDEdit from its encoded occupancy below (:mod:`.guide`)."""
         sampler, p = self._params("sparse_structure", params)
-        with run.stage_ctx("sparse_structure", p.steps):
+        grid = self._ss_grid()
+        ts = time_schedule(p.steps, p.rescale_t)
+        if guide is not None and guide.strength < 1.0:   # SDEdit: start part-way, at t = strength
+            ts = [float(guide.strength)] + [t for t in ts if t < guide.strength]
+        total = 1 if guide is not None and guide.strength >= 1.0 else len(ts) - 1
+        with run.stage_ctx("sparse_structure", total):
             flow = self.models.get("sparse_structure_flow_model")
             noise = self._randn(gen, 1, flow.in_channels, flow.resolution, flow.resolution, flow.resolution)
+            if guide is not None and guide.strength >= 1.0:   # the blockout is the structure
+                occ = torch.from_numpy(guide.occupancy(grid)).to(self.device)
+                return torch.cat([torch.zeros_like(occ[:, :1]), occ], 1).int()
+            x = noise
+            if guide is not None:
+                s = ts[0]
+                x0 = self._encode_occupancy(guide.occupancy(grid), grid)
+                x = (1 - s) * x0 + (sampler.sigma_min + (1 - sampler.sigma_min) * s) * noise
             with self.models.use("sparse_structure_flow_model") as flow:
-                z = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback)
+                z = sampler.sample_from(flow, x, ts, cond, neg_cond_like(cond), p, callback=run.step_callback)
                 _check_finite(z, "sparse structure", flow)
             with self.models.use("sparse_structure_decoder") as dec:
                 occ = dec(z.to(next(dec.parameters()).dtype)) > 0
@@ -336,6 +352,21 @@ class Trellis2Pipelines:
                 raise BadInput("The sparse-structure stage produced an empty shape for this image; "
                                "try another seed or a clearer image of a single object.")
         return coords
+
+    def _encode_occupancy(self, occ: np.ndarray, grid: int) -> torch.Tensor:
+        """Sparse-structure latent (posterior mean) of occupancy voxels ``[M, 3]`` on a ``grid³`` lattice."""
+        if not self.models.has(SS_ENCODER_KEY):
+            raise MissingWeights(
+                "Blockout guidance below strength 1 needs the TRELLIS v1 sparse-structure encoder "
+                "(ss_enc_conv3d_16l8_fp16), which was not found next to the sparse-structure decoder.",
+                missing=[f"{SS_ENCODER_STEM}.json/.safetensors"],
+                advice="Download microsoft/TRELLIS-image-large/ckpts/ss_enc_conv3d_16l8_fp16.* next to the decoder, "
+                       "or use guide strength 1.")
+        dense = torch.zeros(1, 1, grid, grid, grid, dtype=torch.float32, device=self.device)
+        c = torch.from_numpy(occ).long().to(self.device)
+        dense[0, 0, c[:, 0], c[:, 1], c[:, 2]] = 1.0
+        with self.models.use(SS_ENCODER_KEY) as enc:
+            return enc(dense.to(next(enc.parameters()).dtype)).float()
 
     def _pooled(self, coords_full: torch.Tensor, grid_full: int, grid: int) -> torch.Tensor:
         """Occupancy coords at ``grid`` (max-pool "any of the children" when coarser)."""
@@ -370,7 +401,7 @@ class Trellis2Pipelines:
             flow = self.models.get(model_key)
             noise = SparseTensor(self._randn(gen, coords.shape[0], flow.in_channels), coords.to(self.device))
             with self.models.use(model_key) as flow:
-                slat = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback)
+                slat = sampler.sample(flow, noise, cond, neg_cond_like(cond), p, callback=run.step_callback)
                 _check_finite(slat, stage.replace("_", " "), flow)
             return self._denorm(slat, "shape_slat_normalization")
 
@@ -414,7 +445,7 @@ class Trellis2Pipelines:
             flow = self.models.get(model_key)
             noise = shape_n.replace(self._randn(gen, shape_n.num_rows, flow.in_channels - shape_n.feats.shape[1]))
             with self.models.use(model_key) as flow:
-                slat = sampler.sample(flow, noise, cond, torch.zeros_like(cond), p, callback=run.step_callback,
+                slat = sampler.sample(flow, noise, cond, neg_cond_like(cond), p, callback=run.step_callback,
                                       concat_cond=shape_n)
                 _check_finite(slat, "material", flow)
             return self._denorm(slat, "tex_slat_normalization", texturing)
@@ -471,22 +502,53 @@ class Trellis2Pipelines:
     def generate(self, image: Any, pipeline_type: str | None = None, seed: int = 42,
                  stage_params: dict[str, dict] | None = None, progress: ProgressFn | None = None,
                  cancel: CancelToken | None = None, *, preprocess: bool = True,
-                 background: str = "auto") -> GenerationResult:
-        """Image → O-Voxel + mesh (see the module docstring). ``image``: path, bytes, PIL or array;
-        ``background``: the cut-out policy (``auto`` | ``remove`` | ``keep``, see :mod:`.preprocess`)."""
+                 background: str = "auto", multiview: str = "stochastic",
+                 guide: GuideMesh | None = None) -> GenerationResult:
+        """Image(s) → O-Voxel + mesh (see the module docstring).
+
+        ``image``: path, bytes, PIL or array — or a list of them, several views of one object, combined
+        per ``multiview`` (``stochastic`` | ``multidiffusion``, see :class:`.sampler.MultiViewCond`; one
+        view is exactly the single-image path). ``background``: the cut-out policy (``auto`` | ``remove`` |
+        ``keep``), applied to each view. ``guide``: a blockout (:func:`.guide.prepare_guide`) that decides
+        the sparse structure; the result is in its unit-cube frame (``guide.to_world`` maps it back).
+        """
+        views = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not views:
+            raise BadInput("no input image.")
+        if multiview not in MULTIVIEW_MODES:
+            raise BadInput(f"multiview must be one of {', '.join(MULTIVIEW_MODES)}, got {multiview!r}.")
         pt = self._check_type(pipeline_type)
         sp = self._check_stage_params(stage_params)
         run = _Run(progress, cancel, self.device)
-        img, info = self.preprocess(run, image, background, preprocess)
-        run.check()
+        cuts = []
+        with run.stage_ctx("preprocess", len(views)):
+            for k, view in enumerate(views):
+                cuts.append(self.cut_out(view, background, preprocess))
+                run.report(k + 1, len(views))
+                run.check()
+        img, info = cuts[0]
+        if len(views) > 1:
+            info = {**info, "views": [i for _, i in cuts]}
         gen = self._rng(seed)
-        with run.stage_ctx("cond", 1 if pt == "512" else 2):
-            cond_512 = self.get_cond(img, 512)
-            run.report(1, 2)
-            cond_1024 = self.get_cond(img, 1024) if pt != "512" else None
+        # multi-view 512 jobs keep the 1024 features too: an upscale has only the first view's image
+        need_1024 = pt != "512" or len(views) > 1
+        per_view = 2 if need_1024 else 1
+        with run.stage_ctx("cond", per_view * len(views)):
+            c512, c1024 = [], []
+            for k, (im, _) in enumerate(cuts):
+                c512.append(self.get_cond(im, 512))
+                run.report(per_view * k + 1, per_view * len(views))
+                if need_1024:
+                    c1024.append(self.get_cond(im, 1024))
+                    run.report(per_view * (k + 1), per_view * len(views))
+                run.check()
+            cond_512 = torch.cat(c512)
+            cond_1024 = torch.cat(c1024) if c1024 else None
         state = JobState(pt, int(seed), 0, image=np.asarray(img), cond_512=cond_512.cpu().numpy(),
-                         cond_1024=None if cond_1024 is None else cond_1024.cpu().numpy())
-        ss_full = self.sample_sparse_structure(run, cond_512, gen, sp.get("sparse_structure"))
+                         cond_1024=None if cond_1024 is None else cond_1024.cpu().numpy(),
+                         multiview=multiview if len(views) > 1 else None)
+        cond_512, cond_1024 = self._view_cond(cond_512, state), self._view_cond(cond_1024, state)
+        ss_full = self.sample_sparse_structure(run, cond_512, gen, sp.get("sparse_structure"), guide)
         state.ss_coords = ss_full.cpu().numpy()
         grid_full = self._ss_grid()
         if pt in ("512", "1024"):
@@ -510,6 +572,13 @@ class Trellis2Pipelines:
         out = self._finish(run, state, shape, cond, gen, res, "512" if pt == "512" else "1024", sp)
         out.preprocess_info = info
         return out
+
+    @staticmethod
+    def _view_cond(cond: torch.Tensor | None, state: JobState) -> Any:
+        """``[V, L, C]`` features → the plain tensor (one view) or a :class:`MultiViewCond`."""
+        if cond is None or cond.shape[0] == 1:
+            return cond
+        return MultiViewCond(cond, state.multiview or "stochastic", int(state.seed))
 
     def _cascade_hr(self, run: _Run, lr: SparseTensor, cond_1024: torch.Tensor, gen: torch.Generator,
                     nominal_hr: int, params: dict | None) -> tuple[SparseTensor, int]:
@@ -541,7 +610,7 @@ class Trellis2Pipelines:
         run = _Run(progress, cancel, self.device)
         gen = self._rng(state.seed)
         new = JobState("1536_cascade", state.seed, 0, image=state.image, cond_512=state.cond_512,
-                       cond_1024=state.cond_1024, ss_coords=state.ss_coords)
+                       cond_1024=state.cond_1024, ss_coords=state.ss_coords, multiview=state.multiview)
         img = Image.fromarray(state.image) if state.image is not None else None
         with run.stage_ctx("cond"):
             if state.cond_512 is not None:
@@ -558,6 +627,7 @@ class Trellis2Pipelines:
                 new.cond_1024 = cond_1024.cpu().numpy()
             else:
                 raise BadInput("the saved job has no 1024 conditioning and no image; it cannot be upscaled.")
+        cond_512, cond_1024 = self._view_cond(cond_512, new), self._view_cond(cond_1024, new)
         flow = self.models.get("sparse_structure_flow_model")
         r = flow.resolution
         if state.ss_coords is not None:

@@ -26,7 +26,11 @@ import torch
 
 from ..modules.sparse import SparseTensor
 
-__all__ = ["FlowEulerGuidanceIntervalSampler", "SamplerParams", "time_schedule", "StepCallback"]
+__all__ = ["FlowEulerGuidanceIntervalSampler", "SamplerParams", "time_schedule", "StepCallback", "MultiViewCond",
+           "MULTIVIEW_MODES", "neg_cond_like"]
+
+#: How several views of one object condition a flow (TRELLIS v1's multi-image modes).
+MULTIVIEW_MODES: tuple[str, ...] = ("stochastic", "multidiffusion")
 
 #: ``callback(step_index, total_steps)`` called after every Euler step; may raise to cancel.
 StepCallback = Callable[[int, int], None]
@@ -66,6 +70,39 @@ class SamplerParams:
                 "rescale_t": self.rescale_t}
         base.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return SamplerParams.from_dict(base)
+
+
+@dataclass
+class MultiViewCond:
+    """Conditioning of several views ``views [V, L, C]`` of one object, and how they combine:
+
+    * ``stochastic``: each sampler step is conditioned on one view, cycling through the views in an
+      order drawn from ``seed`` (numpy, so torch's noise stream is untouched);
+    * ``multidiffusion``: every step averages the guided velocity of all views (classifier-free guidance
+      and its rescale applied per view; the unconditional branch is shared).
+    """
+
+    views: torch.Tensor
+    mode: str = "stochastic"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MULTIVIEW_MODES:
+            raise ValueError(f"multi-view mode must be one of {MULTIVIEW_MODES}, got {self.mode!r}")
+
+    @property
+    def num_views(self) -> int:
+        return int(self.views.shape[0])
+
+    def order(self, steps: int) -> list[int]:
+        """View index of every step (stochastic mode): a seeded permutation, repeated."""
+        perm = np.random.default_rng(self.seed).permutation(self.num_views)
+        return [int(perm[i % self.num_views]) for i in range(steps)]
+
+
+def neg_cond_like(cond: Any) -> torch.Tensor:
+    """The unconditional (zero) conditioning of one view."""
+    return torch.zeros_like(cond.views[:1] if isinstance(cond, MultiViewCond) else cond)
 
 
 def time_schedule(steps: int, rescale_t: float) -> list[float]:
@@ -122,20 +159,29 @@ class FlowEulerGuidanceIntervalSampler:
         return _feats(out).to(_feats(x_t).dtype)
 
     def velocity(self, model: Callable, x_t: Any, t: float, cond: Any, neg_cond: Any,
-                 params: SamplerParams, kwargs: dict) -> torch.Tensor:
-        """Guided velocity (feats tensor) at time ``t``."""
+                 params: SamplerParams, kwargs: dict, step_cache: dict | None = None) -> torch.Tensor:
+        """Guided velocity (feats tensor) at time ``t``. ``step_cache`` shares the unconditional branch
+        between the views of one step (multidiffusion)."""
         lo, hi = params.guidance_interval
         g = params.guidance_strength if lo <= t <= hi else 1.0
+
+        def negative() -> torch.Tensor:
+            if step_cache is None:
+                return self._model(model, x_t, t, neg_cond, kwargs)
+            if "neg" not in step_cache:
+                step_cache["neg"] = self._model(model, x_t, t, neg_cond, kwargs)
+            return step_cache["neg"]
+
         if g == 1:
             branches: tuple[str, ...] = ("pos",)
             v = self._model(model, x_t, t, cond, kwargs)
         elif g == 0:
             branches = ("neg",)
-            v = self._model(model, x_t, t, neg_cond, kwargs)
+            v = negative()
         else:
             branches = ("pos", "neg")
             v_pos = self._model(model, x_t, t, cond, kwargs)
-            v_neg = self._model(model, x_t, t, neg_cond, kwargs)
+            v_neg = negative()
             v = g * v_pos + (1 - g) * v_neg
             if params.guidance_rescale > 0:
                 xf = _feats(x_t)
@@ -160,7 +206,8 @@ class FlowEulerGuidanceIntervalSampler:
         Args:
             model: ``model(x_t, t_x1000 [B] float32, cond, **kwargs)`` returning the velocity.
             noise: dense ``[B, ...]`` tensor or :class:`SparseTensor`.
-            cond / neg_cond: conditioning passed to the positive / negative branch.
+            cond / neg_cond: conditioning passed to the positive / negative branch; ``cond`` may be a
+                :class:`MultiViewCond` (one view behaves exactly like the plain tensor).
             params: :class:`SamplerParams`.
             callback: called as ``callback(i + 1, steps)`` after each step (may raise to cancel).
             record: if a list, receives ``(x_prev, x0_pred)`` feats per step (golden debugging).
@@ -168,17 +215,41 @@ class FlowEulerGuidanceIntervalSampler:
         """
         params = params or SamplerParams()
         ts = time_schedule(params.steps, params.rescale_t)
-        x = noise
-        for i in range(params.steps):
+        return self.sample_from(model, noise, ts, cond, neg_cond, params, callback=callback, record=record,
+                                **kwargs)
+
+    @torch.no_grad()
+    def sample_from(self, model: Callable, x_t: Any, ts: list[float], cond: Any, neg_cond: Any | None,
+                    params: SamplerParams, *, callback: StepCallback | None = None, record: list | None = None,
+                    **kwargs: Any) -> Any:
+        """Integrate ``x_t`` (at time ``ts[0]``) along the decreasing times ``ts`` down to ``ts[-1]``
+        (``ts[0] < 1`` starts part-way, SDEdit-style). See :meth:`sample` for the arguments."""
+        x = x_t
+        mv = cond if isinstance(cond, MultiViewCond) else None
+        if mv is not None and mv.num_views == 1:
+            cond, mv = mv.views[:1], None
+        steps = len(ts) - 1
+        order = mv.order(steps) if mv is not None and mv.mode == "stochastic" else None
+        if neg_cond is None:
+            neg_cond = neg_cond_like(cond)
+        for i in range(steps):
             t, t_prev = ts[i], ts[i + 1]
-            v = self.velocity(model, x, t, cond, neg_cond, params, kwargs)
+            if mv is None:
+                v = self.velocity(model, x, t, cond, neg_cond, params, kwargs)
+            elif order is not None:
+                k = order[i]
+                v = self.velocity(model, x, t, mv.views[k:k + 1], neg_cond, params, kwargs)
+            else:
+                cache: dict = {}
+                v = sum(self.velocity(model, x, t, mv.views[k:k + 1], neg_cond, params, kwargs, cache)
+                        for k in range(mv.num_views)) / mv.num_views
             xf = _feats(x)
             x_prev = xf - (t - t_prev) * v
             if record is not None:
                 record.append((x_prev, self.pred_to_xstart(xf, t, v)))
             x = _wrap(x, x_prev)
             if callback is not None:
-                callback(i + 1, params.steps)
+                callback(i + 1, steps)
         return x
 
 

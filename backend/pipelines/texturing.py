@@ -19,6 +19,7 @@ from . import TextureResult
 from ..errors import BadInput
 from ..modules.sparse import SparseTensor
 from .bake import bake_pbr, corner_uvs, unwrap_uvs, validate_mesh
+from .preprocess import preprocess_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Trellis2Pipelines, _Run
@@ -101,7 +102,9 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
             uv_created = True
         world = _apply_transform(geo_v, transform, y_up)
         unit, center, scale = normalize_to_unit_cube(world, geo_f)
-        img, _ = pipe.cut_out(image, background, preprocess)
+        # through this module's name: the pipeline-parity harness observes preprocess_image here
+        img = preprocess_image(image, pipe.remover(), background) if preprocess else \
+            pipe.cut_out(image, preprocess=False)[0]
     gen = pipe._rng(seed)
     res = pipe._res(resolution)
     with run.stage_ctx("cond"):

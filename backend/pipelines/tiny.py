@@ -5,6 +5,7 @@
     folder/pipeline.json, folder/texturing_pipeline.json     (official structure, tiny extras below)
     folder/ckpts/<official stem>.json + .safetensors          (8 TRELLIS.2 models + shape encoder)
     folder/ckpts/ss_dec_conv3d_16l8_fp16.json + .safetensors  (the TRELLIS v1 SS decoder, found by stem)
+    folder/ckpts/ss_enc_conv3d_16l8_fp16.json + .safetensors  (the TRELLIS v1 SS encoder: blockout guidance)
     folder/dinov3/config.json + model.safetensors             (DINOv3 ViT in the HF layout, width 64)
     folder/birefnet/config.json + model.safetensors           (BiRefNet background remover, HF layout, Swin width 16)
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from ..models.birefnet import write_tiny_birefnet
+from .loader import SS_ENCODER_STEM
 
 __all__ = ["write_tiny_pipeline", "write_full_size_pipeline", "TINY_SCALE"]
 
@@ -83,6 +85,9 @@ def _configs() -> dict[str, dict[str, Any]]:
         "shape_slat_decoder": _vae("FlexiDualGridVaeDecoder", resolution=256, voxel_margin=0.5),
         "tex_slat_decoder": _vae("SparseUnetVaeDecoder", out_channels=6, pred_subdiv=False),
         "shape_slat_encoder": _vae("FlexiDualGridVaeEncoder"),
+        "sparse_structure_encoder": {"name": "SparseStructureEncoder", "args": {
+            "in_channels": 1, "latent_channels": 8, "num_res_blocks": 1, "channels": [8, 8, 16],
+            "num_res_blocks_middle": 1, "use_fp16": False}},
     }
 
 
@@ -208,6 +213,9 @@ def _write_models(root: Path, cfgs: dict[str, dict[str, Any]], gen: torch.Genera
     kept: dict[str, torch.nn.Module] = {}
 
     def save(key: str, m: torch.nn.Module) -> None:
+        if key == "sparse_structure_encoder":  # next to the SS decoder, like TRELLIS-image-large/ckpts
+            _save(m, (saved_cfgs or cfgs)[key], root / "ckpts" / SS_ENCODER_STEM, (file_dtypes or {}).get(key))
+            return
         rel = _ENC_STEM if key == "shape_slat_encoder" else _STEMS[key]
         stem = root / "ckpts" / Path(rel).name if key == "sparse_structure_decoder" else root / rel
         _save(m, (saved_cfgs or cfgs)[key], stem, (file_dtypes or {}).get(key))
