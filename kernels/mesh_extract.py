@@ -253,7 +253,8 @@ def extract_mesh(coords: torch.Tensor, dual_vertices: torch.Tensor, intersected:
         # (one implementation; on closed surfaces it returns the parity flip unchanged).
         from backend.ovoxel.decode import make_winding_consistent
 
-        flip_np = make_winding_consistent(quads.cpu().numpy(), flip.cpu().numpy(), n, q_axes.cpu().numpy())
+        flip_np = make_winding_consistent(quads.cpu().numpy(), flip.cpu().numpy(), n, q_axes.cpu().numpy(),
+                                          verts.detach().cpu().numpy())
         flip = torch.as_tensor(flip_np, device=device)
         tri = torch.where(flip[:, None, None], tri[:, :, [0, 2, 1]], tri)
     faces = tri.reshape(-1, 3)

@@ -25,7 +25,8 @@ def save_npz(path: "str | os.PathLike", ov: OVoxel, *, quantize: bool = False, c
     ``aabb`` float64 [2, 3], ``coord`` uint16 (int32 when R > 65536) [N, 3] (official key name),
     ``intersected`` uint8 [N, 1] (packed bits x | y<<1 | z<<2, official), ``vertices`` (dual vertices:
     float32 [N, 3], or the official uint8 ``floor(u*255)`` when ``quantize``), optional ``split_weight``
-    float32 [N, 1], optional ``attrs`` (float32 [N, C], or uint8 ``round(x*255)`` when ``quantize``),
+    float32 [N, 1], optional ``attrs`` (float32 [N, C], or uint8 ``round(x*255)`` when ``quantize``), optional ``sides``
+    int8 [N, 3] (source side of each flagged edge; ours, official readers ignore it),
     ``meta_json`` (JSON text of ``ov.meta``). Rows are written in the OVoxel's order.
     """
     ov.validate()
@@ -44,6 +45,8 @@ def save_npz(path: "str | os.PathLike", ov: OVoxel, *, quantize: bool = False, c
         arrays["vertices"] = ov.dual_vertices.astype(np.float32)
     if ov.split_weight is not None:
         arrays["split_weight"] = ov.split_weight.astype(np.float32)
+    if ov.sides is not None:
+        arrays["sides"] = ov.sides.astype(np.int8)
     if ov.attrs is not None:
         if quantize:
             arrays["attrs"] = np.clip(np.rint(ov.attrs * 255.0), 0, 255).astype(np.uint8)
@@ -111,6 +114,9 @@ def load_npz(path: "str | os.PathLike") -> OVoxel:
         else:
             raise OVoxelError(f"{p}: intersected must be [{n}, 1] uint8 or [{n}, 3] bool, got {inter.shape}")
         sw = z["split_weight"].astype(np.float32) if "split_weight" in keys else None
+        sides = z["sides"].astype(np.int8) if "sides" in keys else None
+        if sides is not None and sides.shape != (n, 3):
+            raise OVoxelError(f"{p}: sides must be [{n}, 3], got {sides.shape}")
         attrs = None
         if "attrs" in keys:
             a = z["attrs"]
@@ -122,7 +128,7 @@ def load_npz(path: "str | os.PathLike") -> OVoxel:
             except ValueError:
                 meta = {}
     ov = OVoxel(resolution=R, aabb=aabb, coords=coords, dual_vertices=dual, intersected=flags,
-                split_weight=sw, attrs=attrs, meta=meta)
+                split_weight=sw, attrs=attrs, meta=meta, sides=sides)
     try:
         ov.validate()
     except OVoxelError as e:

@@ -1,0 +1,112 @@
+"""Decoded orientation: closed components outward (cavities inward), open sheets on their source side
+(stored by the encoder) or by the documented rule without it; the same in ``ovoxel decode``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend import ovoxel as ox
+from backend.ovoxel import shapes
+from backend.ovoxel.decode import _components
+from backend.ovoxel.meshutil import signed_volume
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "meshes"
+
+
+def _grid_sheet(n: int = 20, z: float = 0.1):
+    g = np.linspace(-0.4, 0.4, n + 1)
+    X, Y = np.meshgrid(g, g, indexing="ij")
+    v = np.stack([X, Y, np.full_like(X, z)], -1).reshape(-1, 3)
+    idx = np.arange((n + 1) ** 2).reshape(n + 1, n + 1)
+    a, b, c, d = idx[:-1, :-1], idx[1:, :-1], idx[1:, 1:], idx[:-1, 1:]
+    f = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+    return v.astype(np.float32), f.astype(np.int32)   # normals +z
+
+
+def _normals(v, f):
+    return np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
+
+
+def _frac_along(v, f, ref) -> float:
+    """Fraction of faces whose normal has a positive dot with ``ref(centres)``."""
+    return float((np.einsum("ij,ij->i", _normals(v, f), ref(v[f].mean(1))) > 0).mean())
+
+
+def _component_volumes(v, f):
+    lab = _components(v.shape[0], f.reshape(-1), f[:, [1, 2, 0]].reshape(-1))[f[:, 0]]
+    vols = [signed_volume(v, f[lab == lb]) for lb in np.unique(lab)]
+    return sorted(vols, key=abs, reverse=True)
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_open_plane_keeps_source_side(sign):
+    v, f = _grid_sheet()
+    if sign < 0:
+        f = f[:, [0, 2, 1]]
+    ov = ox.encode_shape(v, f, 64)
+    assert ov.sides is not None and (ov.sides[ov.intersected[:, 2], 2] == sign).all()
+    dv, df = ox.decode_ovoxel(ov)
+    up = lambda c: np.tile([0.0, 0.0, float(sign)], (len(c), 1))  # noqa: E731
+    assert _frac_along(dv, df, up) >= 0.95
+    # without the stored side (e.g. a VAE output): the documented rule, flat sheets face +dominant axis
+    dv2, df2 = ox.decode_ovoxel(ov, sides=None)
+    assert _frac_along(dv2, df2, lambda c: np.tile([0.0, 0.0, 1.0], (len(c), 1))) >= 0.95
+
+
+@pytest.mark.parametrize("inward", [False, True])
+def test_open_hemisphere_keeps_source_side(inward):
+    sv, sf = shapes.uv_sphere(0.4, 40, 80, center=(0.02, -0.03, 0.01))
+    cen = np.array([0.02, -0.03, 0.01])
+    f = sf[(sv[sf].mean(1) - cen)[:, 1] > 0]           # half along y
+    if inward:
+        f = f[:, [0, 2, 1]]
+    ov = ox.encode_shape(sv, f, 96)
+    dv, df = ox.decode_ovoxel(ov)
+    frac = _frac_along(dv, df, lambda c: (c - cen) * (-1 if inward else 1))
+    assert frac >= 0.95, frac
+    # the rule without stored sides: a dome faces its convex side
+    dv2, df2 = ox.decode_ovoxel(ov, sides=None)
+    assert _frac_along(dv2, df2, lambda c: c - cen) >= 0.95
+
+
+def test_nested_spheres_outer_outward_cavity_inward_any_source_winding():
+    v1, f1 = shapes.uv_sphere(0.45, 60, 120)
+    v2, f2 = shapes.uv_sphere(0.25, 40, 80)
+    for f2w in (f2, f2[:, [0, 2, 1]]):     # inner wound outward, then inward, in the source
+        v = np.concatenate([v1, v2])
+        f = np.concatenate([f1, f2w + len(v1)])
+        ov = ox.encode_shape(v, f, 96)
+        dv, df = ox.decode_ovoxel(ov)
+        outer, inner = _component_volumes(dv, df)
+        assert outer > 0 and abs(outer - 4 / 3 * np.pi * 0.45 ** 3) < 0.02 * outer
+        assert inner < 0 and abs(-inner - 4 / 3 * np.pi * 0.25 ** 3) < 0.03 * -inner
+
+
+def test_torus_closed_outward():
+    tv, tf = shapes.torus(n_u=120, n_v=60)
+    ov = ox.encode_shape(tv, tf, 96)
+    dv, df = ox.decode_ovoxel(ov)
+    assert abs(signed_volume(dv, df) - signed_volume(tv, tf)) < 0.02 * signed_volume(tv, tf)
+    # reversed source winding: a closed surface still faces outward
+    ov2 = ox.encode_shape(tv, tf[:, [0, 2, 1]], 96)
+    assert signed_volume(*ox.decode_ovoxel(ov2)) > 0
+
+
+def test_sides_survive_npz_and_cli_decode_keeps_side(tmp_path):
+    """The stored side goes through the .npz file; ``trellis2 ovoxel decode`` uses the same decoder."""
+    from backend.mesh_io import load_mesh
+
+    src = ASSETS / "two_sided_plane" / "TwoSidedPlane.gltf"
+    mesh = load_mesh(str(src))
+    n_src = _normals(mesh.vertices, mesh.faces)
+    ov = ox.encode_mesh(mesh, 64, normalize=True, pbr=False)
+    p = tmp_path / "plane.npz"
+    ox.save(p, ov)
+    back = ox.load(p)
+    np.testing.assert_array_equal(back.sides, ov.sides)
+    dv, df = ox.decode_ovoxel(back)
+    ref = n_src.sum(0)
+    assert _frac_along(dv, df, lambda c: np.tile(ref, (len(c), 1))) == 1.0
