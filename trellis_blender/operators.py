@@ -783,11 +783,15 @@ class TRELLIS_OT_clear_error(bpy.types.Operator):
 # import and history
 
 
-def load_ovoxel_arrays(path: str, fill_holes: bool = True) -> tuple[dict, dict]:
-    """Mesh arrays (+ PBR) and meta from an O-Voxel file (codec) or a result ``.npz`` (vertices/faces).
+def load_ovoxel_arrays(path: str, fill_holes: bool = True, normalized: bool = False) -> tuple[dict, dict]:
+    """Mesh arrays (+ normals, per-vertex PBR) and meta from an O-Voxel file or a result ``.npz``.
 
-    ``fill_holes``: after decoding an O-Voxel, close boundary loops shorter than 3 % of the box size
-    (the official pipeline's post-decode step; result files already had it)."""
+    O-Voxels go through the codec's one asset decoder (``ovoxel.decode_asset``, the same as
+    ``trellis2 ovoxel decode``): oriented geometry, hole filling (``fill_holes``: loops shorter than 3 %
+    of the box, the official post-decode step), normals, PBR attributes sampled per vertex. Unless
+    ``normalized``, the source's size and position are restored from the stored normalisation and a
+    Y-up source (glTF, OBJ) is turned into Blender's Z-up frame, like Blender's own importers do;
+    meta["restored"] tells whether the vertices are in the source's place (import at the origin)."""
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
@@ -796,24 +800,15 @@ def load_ovoxel_arrays(path: str, fill_holes: bool = True) -> tuple[dict, dict]:
     from .backend import ovoxel  # numpy-only codec bundled with the extension
 
     ov = ovoxel.load(path)
-    decoded = ovoxel.decode_ovoxel(ov)
-    if isinstance(decoded, tuple):
-        vertices, faces = decoded[0], decoded[1]
-    elif isinstance(decoded, dict):
-        vertices, faces = decoded["vertices"], decoded["faces"]
-    else:
-        vertices, faces = decoded.vertices, decoded.faces
-    if fill_holes:
-        extent = float(np.min(np.subtract(*np.asarray(getattr(ov, "aabb", ((-0.5,) * 3, (0.5,) * 3)))[::-1])))
-        vertices, faces = ovoxel.fill_small_holes(vertices, faces, 0.03 * extent)
-    arrays = {"vertices": np.asarray(vertices, np.float32), "faces": np.asarray(faces, np.int32)}
-    attrs = getattr(ov, "attrs", None)
-    resolution = int(getattr(ov, "resolution", 0) or 0)
-    if attrs is not None and resolution:
-        aabb = np.asarray(getattr(ov, "aabb", ((-0.5,) * 3, (0.5,) * 3)), dtype=np.float64)
-        arrays["attrs"] = mesh_import.voxel_attrs_at(arrays["vertices"], np.asarray(ov.coords), np.asarray(attrs),
-                                                     resolution, aabb)
-    return arrays, {"resolution": resolution}
+    dec = ovoxel.decode_asset(ov, fill_holes=fill_holes, frame="normalized" if normalized else "source")
+    up = dec.up_axis
+    arrays = {"vertices": ovoxel.to_blender_frame(dec.vertices, up), "faces": dec.faces,
+              "normals": ovoxel.to_blender_frame(dec.normals, up)}
+    if dec.attrs is not None:
+        arrays["attrs"] = dec.attrs
+    return arrays, {"resolution": ov.resolution, "restored": dec.frame == "source", "up_axis": up,
+                    "coords": ov.coords, "voxel_attrs": ov.attrs, "aabb": ov.aabb,
+                    "normalization": ov.meta.get("normalization")}
 
 
 class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
@@ -828,6 +823,10 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
     fill_holes: BoolProperty(
         name="Fill Small Holes", default=True,
         description="Close holes shorter than 3% of the box size after decoding, as the official pipeline does")
+    normalized: BoolProperty(
+        name="Import Normalised", default=False,
+        description="Keep the O-Voxel's unit cube (1 m, centred, at the 3D cursor) instead of restoring the "
+                    "source asset's size, position and up axis")
 
     def execute(self, context):
         path = self.filepath
@@ -835,10 +834,11 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"File not found: {path}")
             return {"CANCELLED"}
         try:
-            arrays, meta = load_ovoxel_arrays(path, self.fill_holes)
+            arrays, meta = load_ovoxel_arrays(path, self.fill_holes, self.normalized)
             name = bpy.path.display_name_from_filepath(path) or "OVoxel"
             obj = mesh_import.import_result(context, arrays, name=name, material_mode="VERTEX",
-                                            meta={"job": meta.get("job")})
+                                            meta={"job": meta.get("job")},
+                                            location=(0.0, 0.0, 0.0) if meta.get("restored") else None)
         except Exception as exc:
             self.report({"ERROR"}, f"Cannot import {os.path.basename(path)}: {exc}")
             return {"CANCELLED"}

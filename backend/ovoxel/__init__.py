@@ -51,7 +51,9 @@ Decoding (O-Voxel -> mesh)
     consistent outward orientation; ``official=True`` reproduces ``flexible_dual_grid_to_mesh`` bit for bit,
     face order included; the clean mode keeps the official face order too and only reverses windings),
     :func:`flexible_dual_grid_to_mesh` (the official signature, official semantics),
-    :func:`decode_ovoxel` (convenience for an :class:`OVoxel`).
+    :func:`decode_ovoxel` (convenience for an :class:`OVoxel`),
+    :func:`decode_asset` (the one asset decoder of ``ovoxel decode`` and the Blender importer: geometry,
+    hole filling, normals, per-vertex PBR, source frame; :func:`to_blender_frame` for Y-up sources).
 PBR attributes
     :func:`voxelize_pbr` (textured :class:`MeshData` -> ``attrs [N, 6]`` on given coords),
     :func:`sample_attributes` (sparse trilinear sampling with official renormalisation),
@@ -94,6 +96,7 @@ from .decode import decode_mesh, decode_ovoxel, flexible_dual_grid_to_mesh
 from .pbr import AttributeSampler, sample_attributes, voxelize_pbr
 from .io import load, load_npz, load_vxz, save, save_npz, save_vxz
 from .meshutil import fill_small_holes
+from .asset import DecodedAsset, decode_asset, source_up_axis, to_blender_frame, vertex_normals
 
 __all__ = [
     "ATTR_CHANNELS", "ATTR_LAYOUT", "DEFAULT_AABB", "FORMAT_VERSION",
@@ -105,4 +108,5 @@ __all__ = [
     "voxelize_pbr", "sample_attributes", "AttributeSampler",
     "save_npz", "load_npz", "save_vxz", "load_vxz", "save", "load",
     "fill_small_holes",
+    "DecodedAsset", "decode_asset", "source_up_axis", "to_blender_frame", "vertex_normals",
 ]

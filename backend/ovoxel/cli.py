@@ -28,13 +28,16 @@ def register(subparsers) -> None:
     e.add_argument("--order", choices=("lex", "morton"), default="lex", help="voxel row order (default lex)")
     e.set_defaults(func=_encode)
 
-    d = sub.add_parser("decode", help="O-Voxel file -> mesh (.glb/.ply/.obj) with base colour as vertex colours")
+    d = sub.add_parser("decode", help="O-Voxel file -> mesh (.glb/.ply/.obj): normals, base colour + alpha as vertex "
+                                      "colours, per-vertex metallic/roughness (.glb); the Blender importer's decoder")
     d.add_argument("input", help="input .npz (or .vxz)")
     d.add_argument("-o", "--output", required=True, help="output .glb, .ply or .obj")
     d.add_argument("--official", action="store_true",
                    help="official flexible_dual_grid_to_mesh output (no orientation fix, all vertices kept)")
     d.add_argument("--keep-normalized", action="store_true",
                    help="do not map back to the source mesh's coordinates (when the encoder normalised it)")
+    d.add_argument("--no-fill-holes", action="store_true",
+                   help="keep holes shorter than 3%% of the box open (the official post-decode step fills them)")
     d.set_defaults(func=_decode)
 
     i = sub.add_parser("info", help="print an O-Voxel file's header and statistics as JSON")
@@ -68,28 +71,24 @@ def _encode(args) -> int:
 
 
 def _decode(args) -> int:
-    import numpy as np
-
     from ..mesh_io import MeshIOError, save_mesh
-    from . import ATTR_LAYOUT, OVoxelError, decode_ovoxel, load, sample_attributes
+    from . import OVoxelError, load
+    from .asset import decode_asset
 
     t0 = time.perf_counter()
     try:
         ov = load(args.input)
-        v, f = decode_ovoxel(ov, official=args.official)
-        colors = None
-        if ov.attrs is not None and v.shape[0]:
-            base = ov.attrs[:, ATTR_LAYOUT["base_color"]]
-            colors = sample_attributes(ov.coords, base, ov.resolution, ov.aabb, v)
-        norm = ov.meta.get("normalization")
-        if norm and not args.keep_normalized:
-            center = (ov.aabb[0] + ov.aabb[1]) / 2
-            v = ((v.astype(np.float64) - center) / norm["scale"] + np.asarray(norm["center"])).astype(np.float32)
-        save_mesh(args.output, v, f, colors)
-    except (OVoxelError, MeshIOError, OSError) as e:
+        dec = decode_asset(ov, fill_holes=not (args.official or args.no_fill_holes), official=args.official,
+                           frame="normalized" if args.keep_normalized else "source")
+        colors = mr = None
+        if dec.attrs is not None:
+            colors = dec.attrs[:, [0, 1, 2, 5]]
+            mr = dec.attrs[:, 3:5]
+        save_mesh(args.output, dec.vertices, dec.faces, colors, dec.normals, mr)
+    except (OVoxelError, MeshIOError, OSError, ValueError) as e:
         print(f"trellis2 ovoxel decode: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.input}: {ov.num_voxels} voxels -> {v.shape[0]} vertices, {f.shape[0]} faces "
+    print(f"{args.input}: {ov.num_voxels} voxels -> {dec.vertices.shape[0]} vertices, {dec.faces.shape[0]} faces "
           f"({time.perf_counter() - t0:.2f} s) -> {args.output}")
     return 0
 

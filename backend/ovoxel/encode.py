@@ -1066,7 +1066,8 @@ def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = 
     """:class:`MeshData` -> O-Voxel with geometry and (when ``pbr``) the 6 PBR channels in ``attrs``.
 
     ``normalize=True`` first applies :func:`normalize_vertices` (the official asset normalisation);
-    the centre/scale used are stored in ``meta["normalization"]`` as ``{"center", "scale"}``.
+    the centre/scale used are stored in ``meta["normalization"]`` as ``{"center", "scale"}``, and the
+    source's up axis (``mesh.meta["up_axis"]``, "Y" for glTF) in ``meta["up_axis"]``.
     Extra keyword arguments go to :func:`encode_shape`.
     """
     verts = mesh.vertices
@@ -1079,6 +1080,8 @@ def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = 
     ov = encode_shape(verts, mesh.faces, resolution, aabb, **kwargs)
     if norm is not None:
         ov.meta["normalization"] = norm
+    if mesh.meta.get("up_axis"):
+        ov.meta["up_axis"] = str(mesh.meta["up_axis"])
     if pbr and ov.num_voxels:
         from .pbr import voxelize_pbr
 
