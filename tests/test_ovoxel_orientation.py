@@ -176,3 +176,32 @@ def test_base_color_factor_round_trip_is_linear(tmp_path):
     assert {"NORMAL", "COLOR_0", "_METALLIC", "_ROUGHNESS"} <= set(prim["attributes"])
     pbr = gl["materials"][0]["pbrMetallicRoughness"]
     assert abs(pbr["metallicFactor"] - 0.3) < 0.02 and abs(pbr["roughnessFactor"] - 0.7) < 0.02
+
+
+def test_factor_only_fast_path_and_fast_npz(tmp_path):
+    """Factor-only materials skip the per-pair work with the same result; the default .npz deflates
+    everything but the float dual vertices and reads back exactly."""
+    import zipfile
+
+    v, f = shapes.uv_sphere(0.4, 24, 48)
+    mat = ox.Material(base_color_factor=[0.3, 0.5, 0.7, 1.0], metallic_factor=0.2, roughness_factor=0.6)
+    mesh = ox.MeshData(v, f, materials=[mat])
+    ov = ox.encode_mesh(mesh, 48)
+    fast = ox.voxelize_pbr(mesh, ov.coords, 48)
+    slow, touched = ox.voxelize_pbr(mesh, ov.coords, 48, return_mask=True)   # the pair path
+    assert touched.all()
+    np.testing.assert_allclose(fast, slow, atol=1e-6)
+    two = ox.MeshData(v, f, materials=[mat, ox.Material(base_color_factor=[1, 0, 0, 1])],
+                      face_material=(np.arange(len(f)) % 2).astype(np.int32))
+    a2 = ox.voxelize_pbr(two, ov.coords, 48)
+    assert a2[:, 0].mean() > fast[:, 0].mean() + 0.1 and (a2[:, 0] >= fast[:, 0] - 1e-6).all()  # averaged
+    p = tmp_path / "s.npz"
+    ox.save(p, ov)
+    with zipfile.ZipFile(p) as zf:
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+    assert kinds["vertices.npy"] == zipfile.ZIP_STORED and kinds["attrs.npy"] == zipfile.ZIP_DEFLATED
+    back = ox.load(p)
+    np.testing.assert_array_equal(back.dual_vertices, ov.dual_vertices)
+    np.testing.assert_array_equal(back.attrs, ov.attrs)
+    ox.save(p, ov, compress=0)
+    np.testing.assert_array_equal(ox.load(p).coords, ov.coords)

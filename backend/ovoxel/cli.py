@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     e.add_argument("--no-pbr", action="store_true", help="geometry only (no PBR attributes)")
     e.add_argument("--quantize", action="store_true", help="store uint8 offsets/attributes (official training layout)")
     e.add_argument("--order", choices=("lex", "morton"), default="lex", help="voxel row order (default lex)")
+    e.add_argument("--compress", type=int, default=1, choices=range(10), metavar="0-9",
+                   help=".npz deflate level (default 1: fast; 0 = uncompressed, 9 = smallest)")
     e.set_defaults(func=_encode)
 
     d = sub.add_parser("decode", help="O-Voxel file -> mesh (.glb/.ply/.obj): normals, base colour + alpha as vertex "
@@ -54,19 +56,24 @@ def _encode(args) -> int:
     t0 = time.perf_counter()
     try:
         mesh = load_mesh(args.mesh, base_color_texture=args.texture)
+        t1 = time.perf_counter()
         ov = encode_mesh(mesh, args.resolution, normalize=not args.no_normalize, pbr=not args.no_pbr,
                          order=args.order)
+        t2 = time.perf_counter()
         ov.meta["source"] = str(args.mesh)
         if args.output.lower().endswith(".vxz"):
             save(args.output, ov)
         else:
-            save(args.output, ov, quantize=args.quantize)
+            save(args.output, ov, quantize=args.quantize, compress=args.compress)
     except (OVoxelError, MeshIOError, OSError) as e:
         print(f"trellis2 ovoxel encode: error: {e}", file=sys.stderr)
         return 1
     st = ov.meta.get("encode_stats", {})
+    t3 = time.perf_counter()
+    pbr_s = st.get("timing", {}).get("pbr", 0.0)
     print(f"{args.mesh}: {st.get('faces', 0)} faces -> {ov.num_voxels} voxels at R={ov.resolution} "
-          f"({time.perf_counter() - t0:.2f} s) -> {args.output}")
+          f"({t3 - t0:.2f} s: load {t1 - t0:.2f}, geometry {t2 - t1 - pbr_s:.2f}, pbr {pbr_s:.2f}, "
+          f"write {t3 - t2:.2f}) -> {args.output}")
     return 0
 
 

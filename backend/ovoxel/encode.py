@@ -1083,9 +1083,13 @@ def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = 
     if mesh.meta.get("up_axis"):
         ov.meta["up_axis"] = str(mesh.meta["up_axis"])
     if pbr and ov.num_voxels:
+        import time as _time
+
         from .pbr import voxelize_pbr
 
+        t0 = _time.perf_counter()
         ov.attrs = voxelize_pbr(mesh, ov.coords, resolution, aabb)
+        ov.meta.setdefault("encode_stats", {}).setdefault("timing", {})["pbr"] = _time.perf_counter() - t0
     return ov
 
 

@@ -193,6 +193,10 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
     (then ``< cutoff -> 0 else 1``) and BLEND, 1 for OPAQUE. Faces without a material get the data
     toolkit's default (0.8 grey, metallic 0, roughness 0.5, opaque).
 
+    Meshes whose faces sample nothing per point (factors only, no vertex colours) skip the per-pair
+    barycentric work; with a single such material every voxel simply gets its values (unless
+    ``return_mask`` asks which voxels a triangle touches).
+
     ``mesh.vertices`` must be in the same frame as ``aabb``. Voxels that no triangle touches get
     the mean of their touched 26-neighbours (repeated twice), else the default material;
     ``return_mask=True`` also returns the bool ``[N]`` mask of touched voxels.
@@ -205,12 +209,22 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
     N = c.shape[0]
     attrs = np.zeros((N, ATTR_CHANNELS), np.float64)
     count = np.zeros(N, np.float64)
+    const = _constant_material_values(mesh) if N and mesh.num_faces else None
+    if const is not None and const[0].shape[0] == 1 and not return_mask:
+        # one material, nothing sampled per point: every voxel gets its values (no pair work at all)
+        return np.tile(const[0], (N, 1))
     if N and mesh.num_faces:
         fi, vox = triangle_voxel_pairs(mesh.vertices, mesh.faces, R, box)
         rows = VoxelIndex(c, R).lookup(vox)
         ok = rows >= 0
         fi, vox, rows = fi[ok], vox[ok], rows[ok]
-        if fi.shape[0]:
+        if fi.shape[0] and const is not None:
+            # per-face constants (factors only): average the faces' values, no barycentrics
+            vals = const[0][const[1][fi]]
+            for ch in range(ATTR_CHANNELS):
+                attrs[:, ch] = np.bincount(rows, vals[:, ch], minlength=N)
+            count = np.bincount(rows, minlength=N).astype(np.float64)
+        elif fi.shape[0]:
             s = (box[1] - box[0]) / R
             V = mesh.vertices.astype(np.float64)
             F = mesh.faces.astype(np.int64)
@@ -269,6 +283,21 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
         _fill_untouched(c, R, attrs, touched)
     out = np.clip(attrs, 0.0, 1.0).astype(np.float32)
     return (out, touched) if return_mask else out
+
+
+def _constant_material_values(mesh):
+    """``(values [M, 6], slot of every face [F])`` when no face samples anything per point (no vertex
+    colours; no texture, or no UVs to sample it with), else None."""
+    if mesh.vertex_colors is not None:
+        return None
+    mof = mesh.material_of_faces()
+    used = np.unique(mof)
+    mats = [mesh.materials[m] if m >= 0 else None for m in used]
+    if mesh.uvs is not None and any(m is not None and (m.base_color_texture is not None
+                                                         or m.metallic_roughness_texture is not None) for m in mats):
+        return None
+    vals = np.concatenate([material_values(m, None, None, None, 1) for m in mats])
+    return vals, np.searchsorted(used, mof)
 
 
 def _fill_untouched(c: np.ndarray, R: int, attrs: np.ndarray, touched: np.ndarray, rounds: int = 2) -> None:
