@@ -264,9 +264,12 @@ def _needs_blender_bake(arrays: dict, material_mode: str) -> bool:
     return material_mode == "TEXTURES" and "base_color_texture" not in a and "coords" in a and "attrs" in a
 
 
-def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir) -> None:
-    """Give ``obj`` (a freshly imported result) a ``UVMap`` (Smart UV Project) and baked PBR textures
-    sampled from the result's voxel attributes; its vertex-attribute material is replaced."""
+def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir, *,
+                       aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), to_grid=None) -> None:
+    """Give ``obj`` (a freshly imported result or O-Voxel) a ``UVMap`` (Smart UV Project) and baked
+    PBR textures sampled from the voxel attributes ``arrays["coords"/"attrs"]``; its vertex-attribute
+    material is replaced. ``to_grid`` maps object-space points into the grid's frame (``aabb``) when
+    the object is not in it (an O-Voxel imported at its source's size and up axis)."""
     from .backend.ovoxel.uvbake import bake_attributes
 
     me = obj.data
@@ -276,7 +279,8 @@ def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, s
     attrs = np.asarray(arrays["attrs"], dtype=np.float32)
     base, mr, _coverage = bake_attributes(
         tri["vertices"], tri["faces"], uv, size,
-        lambda pts: mesh_import.voxel_attrs_at(pts, coords, attrs, resolution))
+        lambda pts: mesh_import.voxel_attrs_at(pts if to_grid is None else to_grid(pts), coords, attrs,
+                                               resolution, aabb))
     mesh_import.set_uv_map(me, "UVMap", loop_uv)
     name = obj.name
     img_bc = materials.image_from_array(f"{name}_BaseColor", base, save_dir=save_dir)
@@ -827,19 +831,45 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
         name="Import Normalised", default=False,
         description="Keep the O-Voxel's unit cube (1 m, centred, at the 3D cursor) instead of restoring the "
                     "source asset's size, position and up axis")
+    decimate: IntProperty(
+        name="Target Faces", default=500_000, min=0, soft_max=5_000_000,
+        description="Decimate the decoded mesh to about this many triangles (0 = keep all; a 1024 O-Voxel "
+                    "decodes to millions)")
+    bake_textures: BoolProperty(
+        name="Bake Textures", default=False,
+        description="Give the mesh UVs (Smart UV Project) and baked base colour / metallic-roughness image "
+                    "textures, so it edits and exports (glTF) like any textured asset; else vertex attributes")
+    texture_size: IntProperty(name="Texture Size", default=1024, min=64, max=8192,
+                              description="Width and height of the baked textures (pixels)")
 
     def execute(self, context):
         path = self.filepath
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"File not found: {path}")
             return {"CANCELLED"}
+        obj = None
         try:
             arrays, meta = load_ovoxel_arrays(path, self.fill_holes, self.normalized)
+            if self.decimate and len(arrays["faces"]) > self.decimate:
+                arrays.pop("normals", None)  # custom normals do not survive a collapse; smooth shading does
             name = bpy.path.display_name_from_filepath(path) or "OVoxel"
             obj = mesh_import.import_result(context, arrays, name=name, material_mode="VERTEX",
                                             meta={"job": meta.get("job")},
                                             location=(0.0, 0.0, 0.0) if meta.get("restored") else None)
+            mesh_import.decimate_object(obj, self.decimate)
+            if self.bake_textures and meta.get("voxel_attrs") is not None:
+                from .backend import ovoxel
+
+                def to_grid(pts):
+                    return ovoxel.grid_points(pts, up_axis=meta["up_axis"], normalization=meta["normalization"],
+                                              aabb=meta["aabb"], restored=meta["restored"])
+
+                bake_textures_onto(context, obj, {"coords": meta["coords"], "attrs": meta["voxel_attrs"]},
+                                   meta["resolution"], self.texture_size, None, aabb=meta["aabb"],
+                                   to_grid=to_grid)
         except Exception as exc:
+            if obj is not None:  # a failed decimation / bake leaves nothing behind
+                bpy.data.objects.remove(obj)
             self.report({"ERROR"}, f"Cannot import {os.path.basename(path)}: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")

@@ -96,7 +96,8 @@ from .decode import decode_mesh, decode_ovoxel, flexible_dual_grid_to_mesh
 from .pbr import AttributeSampler, sample_attributes, voxelize_pbr
 from .io import load, load_npz, load_vxz, save, save_npz, save_vxz
 from .meshutil import fill_small_holes
-from .asset import DecodedAsset, decode_asset, source_up_axis, to_blender_frame, vertex_normals
+from .asset import (DecodedAsset, decode_asset, from_blender_frame, grid_points, source_up_axis, to_blender_frame,
+                    vertex_normals)
 
 __all__ = [
     "ATTR_CHANNELS", "ATTR_LAYOUT", "DEFAULT_AABB", "FORMAT_VERSION",
@@ -108,5 +109,6 @@ __all__ = [
     "voxelize_pbr", "sample_attributes", "AttributeSampler",
     "save_npz", "load_npz", "save_vxz", "load_vxz", "save", "load",
     "fill_small_holes",
-    "DecodedAsset", "decode_asset", "source_up_axis", "to_blender_frame", "vertex_normals",
+    "DecodedAsset", "decode_asset", "source_up_axis", "to_blender_frame", "from_blender_frame", "grid_points",
+    "vertex_normals",
 ]

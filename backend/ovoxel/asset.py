@@ -3,7 +3,8 @@
 :func:`decode_asset` = geometry (:func:`decode_ovoxel`, oriented), the official post-decode hole
 filling, area-weighted vertex normals, per-vertex PBR attributes (sparse trilinear, nearest present
 voxel where no voxel is near) and the source frame restored from the stored normalisation.
-:func:`to_blender_frame` maps a decoded asset into Blender's Z-up frame. numpy only.
+:func:`to_blender_frame` maps a decoded asset into Blender's Z-up frame and :func:`grid_points` maps
+points of the imported object back into the O-Voxel grid (texture baking). numpy only.
 """
 
 from __future__ import annotations
@@ -106,3 +107,22 @@ def to_blender_frame(points: np.ndarray, up_axis: str) -> np.ndarray:
     if str(up_axis).upper() != "Y":
         return p
     return np.ascontiguousarray(np.stack([p[:, 0], -p[:, 2], p[:, 1]], 1))
+
+
+def from_blender_frame(points: np.ndarray, up_axis: str) -> np.ndarray:
+    """Inverse of :func:`to_blender_frame`: ``(x, y, z) -> (x, z, -y)`` for a Y-up frame."""
+    p = np.asarray(points, np.float64)
+    if str(up_axis).upper() != "Y":
+        return p
+    return np.stack([p[:, 0], p[:, 2], -p[:, 1]], 1)
+
+
+def grid_points(points: np.ndarray, *, up_axis: str, normalization: Optional[dict], aabb, restored: bool
+                ) -> np.ndarray:
+    """Points of an imported object (Blender frame, object space) in the O-Voxel grid's frame: undo the
+    Y-up -> Z-up turn and, when the import ``restored`` the source's size and place, the normalisation."""
+    p = from_blender_frame(points, up_axis)
+    if restored and normalization:
+        box = np.asarray(aabb, np.float64).reshape(2, 3)
+        p = (p - np.asarray(normalization["center"], np.float64)) * float(normalization["scale"]) + box.mean(0)
+    return p.astype(np.float32)
