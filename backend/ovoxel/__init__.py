@@ -26,6 +26,12 @@ Conventions (apply to every function)
   surface (x: ``(i, j+1, k+1)->(i+1, j+1, k+1)``, y: ``(i+1, j, k+1)->(i+1, j+1, k+1)``,
   z: ``(i+1, j+1, k)->(i+1, j+1, k+1)``). Unsigned (logical OR over triangles), as official.
   Packed form (files): ``uint8 x | y << 1 | z << 2``.
+* **sides** (ours, optional): int8 ``[N, 3]``, the side the *source* surface faces at each flagged edge
+  (+1: its normal points to +axis). Orientation of decoded meshes: closed components face outward and
+  nested shells alternate (cavities inward), by ray parity of the flags, whatever the source winding;
+  open sheets (>= 0.5·sqrt(quads) boundary edges) take the majority of their stored sides, and without
+  them (VAE outputs, official files) face away from their own centroid, flat ones the positive
+  direction of the axis their area vector is largest along (:func:`decode.orient_open_sheets`).
 * **split_weight** (γ): float32 ``[N, 1]`` (``[N]`` accepted) ``>= 0`` or ``None``. Only the VAE
   decoder produces it; encoders and files from meshes have ``None``.
 * **attrs**: float32 ``[N, 6]`` in ``[0, 1]``, layout :data:`ATTR_LAYOUT` =
