@@ -572,29 +572,34 @@ def orient_open_sheets(quads: np.ndarray, flip: np.ndarray, q_axes: np.ndarray, 
     Windings within a sheet are already consistent, so whole sheets are flipped. Returns the new flip.
     """
     L = quads.shape[0]
-    _, lab = np.unique(comp, return_inverse=True)
-    nc = int(lab.max()) + 1
-    nq = np.bincount(lab, minlength=nc)
-    open_c = np.bincount(lab, n_boundary, minlength=nc) >= OPEN_SHEET_RATIO * np.sqrt(nq)
+    lab = np.asarray(comp, np.int64)               # component labels are quad indices (< L)
+    nq = np.bincount(lab, minlength=L)
+    open_c = (np.bincount(lab, n_boundary, minlength=L) >= OPEN_SHEET_RATIO * np.sqrt(nq)) & (nq > 0)
     if not open_c.any():
         return flip
     sel = np.flatnonzero(open_c[lab])
-    ls = lab[sel]
     sgn = np.where(flip[sel], 1.0, -1.0)  # official winding faces -axis, a flipped quad +axis
-    vote = np.zeros(nc)
+    turn = np.zeros(L, bool)
+    undecided = open_c
     if q_sides is not None:
-        vote = np.bincount(ls, sgn * q_sides[sel], minlength=nc)
-    P = verts[quads[sel]].astype(np.float64)            # [S, 4, 3]
-    A = 0.5 * np.cross(P[:, 2] - P[:, 0], P[:, 3] - P[:, 1]) * -sgn[:, None]  # vector area as wound
-    ctr = P.mean(1)
-    cnt = np.maximum(np.bincount(ls, minlength=nc), 1)
-    cen = np.stack([np.bincount(ls, ctr[:, d], minlength=nc) for d in range(3)], 1) / cnt[:, None]
-    vol = np.bincount(ls, ((ctr - cen[ls]) * A).sum(1), minlength=nc) / 3.0
-    area = np.bincount(ls, np.linalg.norm(A, axis=1), minlength=nc)
-    S = np.stack([np.bincount(ls, A[:, d], minlength=nc) for d in range(3)], 1)
-    dom = S[np.arange(nc), np.argmax(np.abs(S), axis=1)]
-    flat = np.abs(vol) <= 1e-3 * area ** 1.5
-    turn = np.where(vote != 0, vote < 0, np.where(flat, dom < 0, vol < 0)) & open_c
+        vote = np.bincount(lab[sel], sgn * q_sides[sel], minlength=L)
+        turn = open_c & (vote < 0)
+        undecided = open_c & (vote == 0)
+        keep = undecided[lab[sel]]
+        sel, sgn = sel[keep], sgn[keep]
+    if sel.shape[0]:  # the geometric rule, only for sheets without a stored side
+        ls = lab[sel]
+        P = verts[quads[sel]].astype(np.float64)            # [S, 4, 3]
+        A = 0.5 * np.cross(P[:, 2] - P[:, 0], P[:, 3] - P[:, 1]) * -sgn[:, None]  # vector area as wound
+        ctr = P.mean(1)
+        cnt = np.maximum(np.bincount(ls, minlength=L), 1)
+        cen = np.stack([np.bincount(ls, ctr[:, d], minlength=L) for d in range(3)], 1) / cnt[:, None]
+        vol = np.bincount(ls, ((ctr - cen[ls]) * A).sum(1), minlength=L) / 3.0
+        area = np.bincount(ls, np.linalg.norm(A, axis=1), minlength=L)
+        S = np.stack([np.bincount(ls, A[:, d], minlength=L) for d in range(3)], 1)
+        dom = S[np.arange(L), np.argmax(np.abs(S), axis=1)]
+        flat = np.abs(vol) <= 1e-3 * area ** 1.5
+        turn |= undecided & np.where(flat, dom < 0, vol < 0)
     if not turn.any():
         return flip
     return flip ^ turn[lab]
