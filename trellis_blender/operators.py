@@ -265,7 +265,7 @@ def _needs_blender_bake(arrays: dict, material_mode: str) -> bool:
 
 
 def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir, *,
-                       aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), to_grid=None) -> None:
+                       aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), to_grid=None, uv_name: str = "UVMap") -> None:
     """Give ``obj`` (a freshly imported result or O-Voxel) a ``UVMap`` (Smart UV Project) and baked
     PBR textures sampled from the voxel attributes ``arrays["coords"/"attrs"]``; its vertex-attribute
     material is replaced. ``to_grid`` maps object-space points into the grid's frame (``aabb``) when
@@ -281,11 +281,11 @@ def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, s
         tri["vertices"], tri["faces"], uv, size,
         lambda pts: mesh_import.voxel_attrs_at(pts if to_grid is None else to_grid(pts), coords, attrs,
                                                resolution, aabb))
-    mesh_import.set_uv_map(me, "UVMap", loop_uv)
+    mesh_import.set_uv_map(me, uv_name, loop_uv)
     name = obj.name
     img_bc = materials.image_from_array(f"{name}_BaseColor", base, save_dir=save_dir)
     img_mr = materials.image_from_array(f"{name}_MetallicRoughness", mr, non_color=True, save_dir=save_dir)
-    mat = materials.texture_material(name, img_bc, img_mr, "UVMap", blended=materials.alpha_varies(base[..., 3]))
+    mat = materials.texture_material(name, img_bc, img_mr, uv_name, blended=materials.alpha_varies(base[..., 3]))
     old = me.materials[0] if len(me.materials) else None
     if old is not None:
         me.materials[0] = mat
@@ -815,6 +815,105 @@ def load_ovoxel_arrays(path: str, fill_holes: bool = True, normalized: bool = Fa
                     "normalization": ov.meta.get("normalization")}
 
 
+OVOXEL_PROP = "trellis2_ovoxel"
+
+
+class VoxelSource:
+    """The voxel PBR attributes an object was made from, and how its object space maps into their grid."""
+
+    def __init__(self, coords, attrs, resolution: int, aabb=((-0.5,) * 3, (0.5,) * 3), up_axis: str = "Z",
+                 normalization: Optional[dict] = None, restored: bool = False):
+        self.coords, self.attrs, self.resolution = np.asarray(coords), np.asarray(attrs, np.float32), int(resolution)
+        self.aabb = np.asarray(aabb, np.float64)
+        self.up_axis, self.normalization, self.restored = up_axis, normalization, bool(restored)
+
+    def to_grid(self, pts: np.ndarray) -> np.ndarray:
+        from .backend import ovoxel
+
+        return ovoxel.grid_points(pts, up_axis=self.up_axis, normalization=self.normalization, aabb=self.aabb,
+                                  restored=self.restored)
+
+    def bake(self, context, obj, size: int, save_dir=None) -> None:
+        """UVs + baked base colour / metallic-roughness textures on ``obj`` (the generator's bake path)."""
+        me = obj.data
+        uv_name = next((n for n in ("UVMap", mesh_import.UV_NAME_NEW) if n not in me.uv_layers), None)
+        if uv_name is None:
+            raise ValueError(f"{obj.name!r} already has UV maps 'UVMap' and '{mesh_import.UV_NAME_NEW}'")
+        bake_textures_onto(context, obj, {"coords": self.coords, "attrs": self.attrs}, self.resolution, size,
+                           save_dir, aabb=self.aabb, to_grid=self.to_grid, uv_name=uv_name)
+
+
+def voxel_source_path(obj) -> Optional[str]:
+    """The file holding ``obj``'s voxel attributes: the O-Voxel it was imported from, or its job's
+    stored result (generated objects); None when there is none."""
+    if obj is None or obj.type != "MESH":
+        return None
+    path = obj.get(OVOXEL_PROP)
+    if path and os.path.isfile(path):
+        return str(path)
+    job = obj.get("trellis2_job")
+    if job:
+        result = os.path.join(str(cache_dir()), "jobs", str(job), "result", "result.npz")
+        if os.path.isfile(result):
+            return result
+    return None
+
+
+def load_voxel_source(obj) -> VoxelSource:
+    """:class:`VoxelSource` of ``obj`` (see :func:`voxel_source_path`); ValueError when it has none."""
+    path = voxel_source_path(obj)
+    if path is None:
+        raise ValueError(f"{getattr(obj, 'name', '?')!r} has no O-Voxel or stored TRELLIS result to bake from")
+    if path == obj.get(OVOXEL_PROP):
+        from .backend import ovoxel
+
+        ov = ovoxel.load(path)
+        if ov.attrs is None:
+            raise ValueError(f"{os.path.basename(path)} has no PBR attributes")
+        return VoxelSource(ov.coords, ov.attrs, ov.resolution, ov.aabb, ovoxel.source_up_axis(ov.meta),
+                           ov.meta.get("normalization"), bool(obj.get(OVOXEL_PROP + "_restored", False)))
+    with np.load(path, allow_pickle=False) as z:
+        if "coords" not in z.files or "attrs" not in z.files:
+            raise ValueError("the stored result has no voxel attributes (coords/attrs)")
+        coords, attrs = z["coords"], z["attrs"]
+    if len(attrs) != len(coords):
+        raise ValueError("the stored result's attributes are per vertex, not per voxel")
+    meta = _read_json(os.path.join(os.path.dirname(path), "meta.json"))
+    res = int(obj.get("trellis2_resolution") or meta.get("resolution") or int(np.asarray(coords).max()) + 1)
+    return VoxelSource(coords, attrs, res)
+
+
+class TRELLIS_OT_bake_voxel_textures(bpy.types.Operator):
+    """Give the active imported O-Voxel or generated object UVs and baked base colour / metallic-roughness
+    image textures from its voxels (for editing and glTF export)"""
+
+    bl_idname = "trellis.bake_voxel_textures"
+    bl_label = "Bake PBR Textures"
+    bl_options = {"REGISTER", "UNDO"}
+
+    texture_size: IntProperty(name="Texture Size", default=1024, min=64, max=8192,
+                              description="Width and height of the baked textures (pixels)")
+
+    @classmethod
+    def poll(cls, context):
+        if voxel_source_path(context.active_object) is None:
+            cls.poll_message_set("Select an imported O-Voxel or a generated object whose job result is stored")
+            return False
+        return True
+
+    def execute(self, context):
+        obj = context.active_object
+        try:
+            if obj.mode != "OBJECT":
+                bpy.ops.object.mode_set(mode="OBJECT")
+            load_voxel_source(obj).bake(context, obj, self.texture_size)
+        except Exception as exc:
+            self.report({"ERROR"}, f"Cannot bake {obj.name}: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Baked {self.texture_size}² PBR textures onto {obj.name}")
+        return {"FINISHED"}
+
+
 class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
     """Import an O-Voxel file (.npz / .vxz) or a TRELLIS result (.npz) as a mesh with PBR material"""
 
@@ -857,16 +956,13 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
                                             meta={"job": meta.get("job")},
                                             location=(0.0, 0.0, 0.0) if meta.get("restored") else None)
             mesh_import.decimate_object(obj, self.decimate)
+            if meta.get("coords") is not None:  # what Bake PBR Textures needs later
+                obj[OVOXEL_PROP] = os.path.abspath(path)
+                obj[OVOXEL_PROP + "_restored"] = bool(meta["restored"])
             if self.bake_textures and meta.get("voxel_attrs") is not None:
-                from .backend import ovoxel
-
-                def to_grid(pts):
-                    return ovoxel.grid_points(pts, up_axis=meta["up_axis"], normalization=meta["normalization"],
-                                              aabb=meta["aabb"], restored=meta["restored"])
-
-                bake_textures_onto(context, obj, {"coords": meta["coords"], "attrs": meta["voxel_attrs"]},
-                                   meta["resolution"], self.texture_size, None, aabb=meta["aabb"],
-                                   to_grid=to_grid)
+                src = VoxelSource(meta["coords"], meta["voxel_attrs"], meta["resolution"], meta["aabb"],
+                                  meta["up_axis"], meta["normalization"], meta["restored"])
+                src.bake(context, obj, self.texture_size)
         except Exception as exc:
             if obj is not None:  # a failed decimation / bake leaves nothing behind
                 bpy.data.objects.remove(obj)
@@ -984,7 +1080,7 @@ class TRELLIS_OT_history_open_folder(bpy.types.Operator):
 CLASSES = (
     TRELLIS_OT_generate, TRELLIS_OT_texture_selected, TRELLIS_OT_upscale, TRELLIS_OT_apply_result,
     TRELLIS_OT_cancel, TRELLIS_OT_backend, TRELLIS_OT_randomize_seed, TRELLIS_OT_use_fp32, TRELLIS_OT_clear_error,
-    TRELLIS_OT_import_ovoxel, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,
+    TRELLIS_OT_import_ovoxel, TRELLIS_OT_bake_voxel_textures, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,
     TRELLIS_OT_history_rerun, TRELLIS_OT_history_open_folder,
 )
 

@@ -147,6 +147,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
             row = layout.row()
             row.enabled = has_image
             row.operator("trellis.texture_selected", icon="TEXTURE")
+            layout.operator("trellis.bake_voxel_textures", icon="IMAGE")   # imported O-Voxels / generated objects
             if not has_image:
                 layout.label(text="Pick an input image first", icon="INFO")
             if st.last_duration > 0:
