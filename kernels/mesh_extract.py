@@ -209,7 +209,8 @@ def extract_mesh(coords: torch.Tensor, dual_vertices: torch.Tensor, intersected:
         intersected: ``[N, 3]`` bool edge flags (x, y, z).
         split_weight: γ ``[N]`` or ``[N, 1]`` ≥ 0, or None.
         resolution: R. aabb: ``[2, 3]``.
-        orient: outward winding by flag-line parity (the codec's rule; face order unchanged).
+        orient: outward winding by flag-line parity, open sheets by the codec's documented rule
+            (``backend.ovoxel.decode.orient_open_sheets``; face order unchanged).
         remove_unused: drop vertices no face uses (kept vertices stay in row order).
         nosplit_rule: ``"normal"`` or ``"official"`` (only used without γ).
     """

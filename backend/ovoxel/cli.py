@@ -110,6 +110,7 @@ def _info(args) -> int:
         return 1
     info = {"resolution": ov.resolution, "aabb": ov.aabb.tolist(), "voxels": ov.num_voxels,
             "flags": int(ov.intersected.sum()), "split_weight": ov.split_weight is not None,
+            "sides": ov.sides is not None,
             "attrs": None if ov.attrs is None else list(ov.attrs.shape), "meta": ov.meta}
     print(json.dumps(info, indent=1, default=str))
     return 0
