@@ -41,20 +41,32 @@ class DecodedAsset:
     meta: dict = field(default_factory=dict)
 
 
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray, chunk: int = 1 << 21) -> np.ndarray:
     """Area-weighted unit vertex normals (float32 ``[V, 3]``; +Z where they cancel or no face has area,
-    so every normal is a unit vector as glTF requires)."""
-    v = np.asarray(vertices, np.float64)
-    f = np.asarray(faces, np.int64).reshape(-1, 3)
-    fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
-    n = np.zeros_like(v)
-    for k in range(3):
+    so every normal is a unit vector as glTF requires). Per-component float32 face normals in chunks,
+    summed per vertex with ``bincount``."""
+    v = np.asarray(vertices, np.float32).reshape(-1, 3)
+    f = np.asarray(faces).reshape(-1, 3)
+    nv = v.shape[0]
+    cols = [np.ascontiguousarray(v[:, d]) for d in range(3)]
+    acc = np.zeros((3, nv))
+    for a in range(0, f.shape[0], chunk):
+        fc = f[a:a + chunk]
+        i0, i1, i2 = (np.ascontiguousarray(fc[:, k]) for k in range(3))
+        p0 = [c[i0] for c in cols]
+        e1 = [cols[d][i1] - p0[d] for d in range(3)]
+        e2 = [cols[d][i2] - p0[d] for d in range(3)]
         for d in range(3):
-            n[:, d] += np.bincount(f[:, k], fn[:, d], minlength=v.shape[0])
-    ln = np.linalg.norm(n, axis=1, keepdims=True)
-    n /= np.where(ln > 0, ln, 1.0)
-    n[ln[:, 0] <= 0] = (0.0, 0.0, 1.0)
-    return n.astype(np.float32)
+            b, c = (d + 1) % 3, (d + 2) % 3
+            nd = e1[b] * e2[c] - e1[c] * e2[b]
+            for idx in (i0, i1, i2):
+                acc[d] += np.bincount(idx, nd, minlength=nv)
+    n = acc.T
+    ln = np.sqrt((n * n).sum(1))
+    out = np.empty((nv, 3), np.float32)
+    np.divide(n, np.where(ln > 0, ln, 1.0)[:, None], out=out, casting="unsafe")
+    out[~(ln > 0)] = (0.0, 0.0, 1.0)
+    return out
 
 
 def source_up_axis(meta: dict) -> str:
