@@ -123,17 +123,29 @@ def test_points_outside_every_voxel_get_the_nearest_voxel_not_zeros():
     np.testing.assert_array_equal(s.sample(far)[:, 5], 0.0)            # official semantics: zeros
     near = s.sample(far, fallback="nearest")
     np.testing.assert_allclose(near, attrs[[1, 2, 2]])
-    # decode_asset (the importer's and the CLI's decoder): a holed, hole-filled mesh keeps alpha 1
-    v, f = shapes.uv_sphere(0.4, 40, 80)
-    ov = ox.encode_shape(v, f, 160)
-    keep = np.ones(ov.num_voxels, bool)
-    keep[::101] = False
-    holed = ov.take(keep)
-    holed.attrs = np.tile(attrs[0], (holed.num_voxels, 1))
-    dec = ox.decode_asset(holed)
-    assert dec.faces.shape[0] > ox.decode_ovoxel(holed)[1].shape[0]        # holes were filled
-    np.testing.assert_array_equal(dec.attrs[:, 5], 1.0)
+    # the reported case: a hole-filling vertex outside every voxel (a sheet with one voxel missing; the
+    # fill vertex sits on that voxel's centre, so all trilinear weight falls on the missing voxel)
+    holed = _holed_sheet()
+    dv, df = ox.decode_ovoxel(holed)
+    fv, _ = ox.fill_small_holes(dv, df, 0.03)
+    assert len(fv) == len(dv) + 1
+    lone = ox.sample_attributes(holed.coords, holed.attrs, holed.resolution, holed.aabb, fv[len(dv):])
+    assert lone[0, 5] == 0.0                                         # official semantics: invented zeros
+    dec = ox.decode_asset(holed)                                    # the importer's and the CLI's decoder
+    assert dec.faces.shape[0] > df.shape[0]                          # the hole was filled
+    np.testing.assert_allclose(dec.attrs, np.tile(holed.attrs[0], (len(dec.attrs), 1)), atol=1e-6)
     assert np.isfinite(dec.normals).all() and np.allclose(np.linalg.norm(dec.normals, axis=1), 1, atol=1e-4)
+
+
+def _holed_sheet() -> "ox.OVoxel":
+    """A flat sheet through the centre of a voxel layer at R = 512 with one voxel knocked out, opaque."""
+    R = 512
+    z = -0.5 + 256.5 / R
+    v = np.array([[-0.2, -0.2, z], [0.2, -0.2, z], [0.2, 0.2, z], [-0.2, 0.2, z]], np.float32)
+    ov = ox.encode_shape(v, np.array([[0, 1, 2], [0, 2, 3]]), R)
+    holed = ov.take(~((ov.coords[:, 0] == 256) & (ov.coords[:, 1] == 256)))
+    holed.attrs = np.tile(np.array([0.2, 0.3, 0.4, 0.0, 0.5, 1.0], np.float32), (holed.num_voxels, 1))
+    return holed
 
 
 def _srgb_to_linear(c):

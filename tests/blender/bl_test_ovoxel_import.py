@@ -203,3 +203,25 @@ def test_generated_object_exports_complete_pbr(addon, clean_scene, tmp_path):
         assert "baseColorTexture" in pbr and "metallicRoughnessTexture" in pbr
         mr = _png_of(gl, raw, pbr["metallicRoughnessTexture"]["index"])
         assert abs(np.median(mr[..., 2]) - 0.6 * 255) <= 2 and abs(np.median(mr[..., 1]) - 0.3 * 255) <= 2
+
+
+def test_opaque_ovoxel_with_filled_hole_imports_opaque(addon, clean_scene, tmp_path):
+    """A hole-filling vertex outside every voxel used to get alpha 0, switching the material to blended."""
+    from helpers import addon_module
+
+    from backend import ovoxel
+
+    R = 512
+    z = -0.5 + 256.5 / R
+    v = np.array([[-0.2, -0.2, z], [0.2, -0.2, z], [0.2, 0.2, z], [-0.2, 0.2, z]], np.float32)
+    ov = ovoxel.encode_shape(v, np.array([[0, 1, 2], [0, 2, 3]]), R)
+    holed = ov.take(~((ov.coords[:, 0] == 256) & (ov.coords[:, 1] == 256)))
+    holed.attrs = np.tile(np.array([0.2, 0.3, 0.4, 0.0, 0.5, 1.0], np.float32), (holed.num_voxels, 1))
+    path = tmp_path / "holed_sheet.npz"
+    ovoxel.save(str(path), holed)
+    assert bpy.ops.trellis.import_ovoxel(filepath=str(path)) == {"FINISHED"}
+    obj = bpy.context.active_object
+    alpha = np.empty(len(obj.data.vertices), np.float32)
+    obj.data.attributes["alpha"].data.foreach_get("value", alpha)
+    assert alpha.min() == 1.0
+    assert not addon_module(addon, "materials").is_blended(obj.data.materials[0])
