@@ -225,3 +225,26 @@ def test_opaque_ovoxel_with_filled_hole_imports_opaque(addon, clean_scene, tmp_p
     obj.data.attributes["alpha"].data.foreach_get("value", alpha)
     assert alpha.min() == 1.0
     assert not addon_module(addon, "materials").is_blended(obj.data.materials[0])
+
+
+def test_two_sided_plane_keeps_its_side_in_blender(addon, clean_scene, shared_dir, tmp_path):
+    """An open zero-thickness sheet comes back facing the side Blender's own glTF import shows."""
+    from backend import ovoxel
+    from backend.mesh_io import load_mesh
+
+    src = shared_dir / "assets" / "meshes" / "two_sided_plane" / "TwoSidedPlane.gltf"
+    path = tmp_path / "plane.npz"
+    ovoxel.save(str(path), ovoxel.encode_mesh(load_mesh(str(src)), 64, normalize=True))
+    assert bpy.ops.import_scene.gltf(filepath=str(src)) == {"FINISHED"}
+    ref = [o for o in bpy.context.scene.objects if o.type == "MESH"][0]
+
+    def normals(o):
+        n = np.empty(len(o.data.polygons) * 3, np.float32)
+        o.data.polygons.foreach_get("normal", n)
+        return n.reshape(-1, 3) @ np.array(o.matrix_world)[:3, :3].T
+
+    side = normals(ref).sum(0)
+    assert bpy.ops.trellis.import_ovoxel(filepath=str(path)) == {"FINISHED"}
+    frac = float((normals(bpy.context.active_object) @ side > 0).mean())
+    print(f"TwoSidedPlane O-Voxel import: {100 * frac:.1f} % of faces on the source side")
+    assert frac >= 0.95
