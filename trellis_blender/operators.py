@@ -266,8 +266,8 @@ def _needs_blender_bake(arrays: dict, material_mode: str) -> bool:
 
 def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir, *,
                        aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), to_grid=None, uv_name: str = "UVMap") -> None:
-    """Give ``obj`` (a freshly imported result or O-Voxel) a ``UVMap`` (Smart UV Project) and baked
-    PBR textures sampled from the voxel attributes ``arrays["coords"/"attrs"]``; its vertex-attribute
+    """Give ``obj`` (a freshly imported result or O-Voxel) a UV map ``uv_name`` (Smart UV Project) and
+    baked PBR textures sampled from the voxel attributes ``arrays["coords"/"attrs"]``; its vertex-attribute
     material is replaced. ``to_grid`` maps object-space points into the grid's frame (``aabb``) when
     the object is not in it (an O-Voxel imported at its source's size and up axis)."""
     from .backend.ovoxel.uvbake import bake_attributes

@@ -554,11 +554,11 @@ def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_
     if verts is None or not boundary.any():
         return flip
     nb = np.bincount(np.flatnonzero(boundary) // 4, minlength=L)
-    return orient_open_sheets(quads, flip, q_axes, verts, _components(L, qi, qj), nb, q_sides)
+    return orient_open_sheets(quads, flip, verts, _components(L, qi, qj), nb, q_sides)
 
 
-def orient_open_sheets(quads: np.ndarray, flip: np.ndarray, q_axes: np.ndarray, verts: np.ndarray,
-                       comp: np.ndarray, n_boundary: np.ndarray, q_sides: Optional[np.ndarray] = None) -> np.ndarray:
+def orient_open_sheets(quads: np.ndarray, flip: np.ndarray, verts: np.ndarray, comp: np.ndarray,
+                       n_boundary: np.ndarray, q_sides: Optional[np.ndarray] = None) -> np.ndarray:
     """Turn every open sheet (a component, ``comp`` per quad, with at least
     :data:`OPEN_SHEET_RATIO` x sqrt(quads) boundary dual edges; ``n_boundary`` per quad) to one side:
 
