@@ -409,21 +409,33 @@ class AttributeSampler:
         acc = np.zeros((n, self.attrs.shape[1]), np.float64)
         wsum = np.zeros(n, np.float64)
         R = self.resolution
+        # per-axis corner coordinates, in-grid masks and weights (computed once, not per corner)
+        ax = [(b[:, d], b[:, d] + 1) for d in range(3)]
+        inn = [tuple((c >= 0) & (c < R) for c in pair) for pair in ax]
+        wts = [(1 - fr[:, d], fr[:, d]) for d in range(3)]
         for dx in (0, 1):
-            wx = fr[:, 0] if dx else 1 - fr[:, 0]
             for dy in (0, 1):
-                wy = fr[:, 1] if dy else 1 - fr[:, 1]
+                wxy = wts[0][dx] * wts[1][dy]
+                in_xy = inn[0][dx] & inn[1][dy]
                 for dz in (0, 1):
-                    wz = fr[:, 2] if dz else 1 - fr[:, 2]
-                    q = b + (dx, dy, dz)
-                    inside = ((q >= 0) & (q < R)).all(1)
-                    idx = np.full(n, -1, np.int64)
-                    ii = np.flatnonzero(inside)
-                    idx[ii] = self.index.lookup_inside(q[ii, 0], q[ii, 1], q[ii, 2])
-                    ok = np.flatnonzero(idx >= 0)
-                    w = (wx * wy * wz)[ok]
-                    acc[ok] += w[:, None] * self.attrs[idx[ok]]
-                    wsum[ok] += w
+                    x, y, z = ax[0][dx], ax[1][dy], ax[2][dz]
+                    inside = in_xy & inn[2][dz]
+                    if inside.all():
+                        idx = self.index.lookup_inside(x, y, z)
+                    else:
+                        idx = np.full(n, -1, np.int64)
+                        ii = np.flatnonzero(inside)
+                        idx[ii] = self.index.lookup_inside(x[ii], y[ii], z[ii])
+                    w = wxy * wts[2][dz]
+                    hit = idx >= 0
+                    if hit.all():
+                        acc += w[:, None] * self.attrs[idx]
+                        wsum += w
+                    else:
+                        ok = np.flatnonzero(hit)
+                        w = w[ok]
+                        acc[ok] += w[:, None] * self.attrs[idx[ok]]
+                        wsum[ok] += w
         good = wsum > 0
         acc[good] /= wsum[good, None]
         acc[~good] = 0.0
