@@ -30,3 +30,13 @@ def test_renamed_case_with_the_same_call_runs(golden_dir, tmp_path):
 def test_call_key_ignores_numbers_spacing_and_comments():
     assert call_key("f(a, grid_size=64)  # sphere") == call_key("f(a,  grid_size=128)")
     assert call_key("y = model(x, t, cond)") != call_key("y = model(SparseTensor(x, coords), t, cond)")
+
+
+def test_every_golden_case_with_a_call_dispatches_by_it(golden_dir):
+    import backend.golden as g
+
+    g.handlers()
+    for f in sorted(golden_dir.glob("case_*.json")):
+        meta = json.loads(f.read_text())
+        if meta.get("call"):
+            assert call_key(meta["call"]) in g._BY_CALL, f.name

@@ -47,7 +47,8 @@ def slat_flow_shape_forward(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return _slat_forward(gc)
 
 
-@case("slat_flow_tex_forward", call='y = model(SparseTensor(x, coords), t, cond, concat_cond=SparseTensor(concat_cond, coords))')
+@case("slat_flow_tex_forward",
+      call=('y = model(SparseTensor(x, coords), t, cond, concat_cond=SparseTensor(concat_cond, coords))'))
 def slat_flow_tex_forward(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Sparse DiT (texture): ``model(x, t, cond, concat_cond=SparseTensor(concat_cond, coords))``."""
     return _slat_forward(gc)

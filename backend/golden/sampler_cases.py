@@ -75,7 +75,8 @@ def sampler_ss_cfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
 
 
 @_model_case("sampler_tex_nocfg", "SLatFlowModel",
-             'sampler.sample(model, SparseTensor(noise, coords), concat_cond=SparseTensor(concat_cond, coords), cond=cond, neg_cond=neg_cond, **params).samples')
+             ('sampler.sample(model, SparseTensor(noise, coords), concat_cond=SparseTensor(concat_cond, coords), '
+              'cond=cond, neg_cond=neg_cond, **params).samples'))
 def sampler_tex_nocfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
     from ..modules.sparse import SparseTensor
 
