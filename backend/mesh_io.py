@@ -475,12 +475,15 @@ def load_mesh(path: "str | os.PathLike", *, base_color_texture: "str | os.PathLi
 # writers
 # ----------------------------------------------------------------------------------------------
 def save_mesh(path: "str | os.PathLike", vertices: np.ndarray, faces: np.ndarray,
-              colors: Optional[np.ndarray] = None, normals: Optional[np.ndarray] = None) -> None:
+              colors: Optional[np.ndarray] = None, normals: Optional[np.ndarray] = None,
+              metallic_roughness: Optional[np.ndarray] = None) -> None:
     """Write a triangle mesh with optional per-vertex colours (sRGB-encoded, [0, 1], RGB or RGBA).
 
-    ``.glb``: glTF 2.0 binary (COLOR_0 stored linear as the glTF spec requires); ``.ply``: binary
-    little-endian with uchar colours; ``.obj``: ``v x y z r g b`` lines. Coordinates are written as
-    given (no axis conversion).
+    ``.glb``: glTF 2.0 binary (COLOR_0 stored linear as the glTF spec requires; ``normals`` as NORMAL;
+    per-vertex ``metallic_roughness`` [V, 2] as the application attributes ``_METALLIC`` /
+    ``_ROUGHNESS``, with their medians as the material's factors; alphaMode BLEND when alpha < 1
+    somewhere); ``.ply``: binary little-endian with uchar colours; ``.obj``: ``v x y z r g b`` lines.
+    Coordinates are written as given (no axis conversion).
     """
     p = Path(path)
     v = np.ascontiguousarray(np.asarray(vertices, np.float32).reshape(-1, 3))
@@ -494,7 +497,7 @@ def save_mesh(path: "str | os.PathLike", vertices: np.ndarray, faces: np.ndarray
             col = np.concatenate([col, np.ones((v.shape[0], 1))], 1)
     ext = p.suffix.lower()
     if ext == ".glb":
-        _save_glb(p, v, f, col, normals)
+        _save_glb(p, v, f, col, normals, metallic_roughness)
     elif ext == ".ply":
         _save_ply(p, v, f, col)
     elif ext == ".obj":
@@ -503,7 +506,7 @@ def save_mesh(path: "str | os.PathLike", vertices: np.ndarray, faces: np.ndarray
         raise MeshIOError(f"save_mesh: unsupported extension {ext!r} (use .glb, .ply or .obj)")
 
 
-def _save_glb(p: Path, v, f, col, normals) -> None:
+def _save_glb(p: Path, v, f, col, normals, mr=None) -> None:
     chunks = []
     views = []
     accessors = []
@@ -527,15 +530,22 @@ def _save_glb(p: Path, v, f, col, normals) -> None:
     if col is not None:
         lin = np.concatenate([srgb_to_linear(col[:, :3]), col[:, 3:4]], 1).astype(np.float32)
         attrs["COLOR_0"] = add(lin, 34962, 5126, "VEC4")
+    factors = {"metallicFactor": 0.0, "roughnessFactor": 0.8}
+    if mr is not None:
+        mr = np.clip(np.asarray(mr, np.float32).reshape(v.shape[0], 2), 0.0, 1.0)
+        attrs["_METALLIC"] = add(np.ascontiguousarray(mr[:, 0]), 34962, 5126, "SCALAR")
+        attrs["_ROUGHNESS"] = add(np.ascontiguousarray(mr[:, 1]), 34962, 5126, "SCALAR")
+        if mr.shape[0]:
+            factors = {"metallicFactor": float(np.median(mr[:, 0])), "roughnessFactor": float(np.median(mr[:, 1]))}
+    blend = col is not None and bool((col[:, 3] < 250 / 255).any())
     ind = add(f.astype(idx_dtype).reshape(-1), 34963, idx_comp, "SCALAR")
     blob = b"".join(chunks)
     gl = {
         "asset": {"version": "2.0", "generator": "trellis2 backend.mesh_io"},
         "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
         "meshes": [{"primitives": [{"attributes": attrs, "indices": ind, "material": 0, "mode": 4}]}],
-        "materials": [{"name": "ovoxel", "doubleSided": True,
-                       "pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0.0,
-                                                "roughnessFactor": 0.8}}],
+        "materials": [{"name": "ovoxel", "doubleSided": True, "alphaMode": "BLEND" if blend else "OPAQUE",
+                       "pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], **factors}}],
         "buffers": [{"byteLength": len(blob)}], "bufferViews": views, "accessors": accessors,
     }
     js = json.dumps(gl, separators=(",", ":")).encode("utf-8")

@@ -209,7 +209,8 @@ def extract_mesh(coords: torch.Tensor, dual_vertices: torch.Tensor, intersected:
         intersected: ``[N, 3]`` bool edge flags (x, y, z).
         split_weight: γ ``[N]`` or ``[N, 1]`` ≥ 0, or None.
         resolution: R. aabb: ``[2, 3]``.
-        orient: outward winding by flag-line parity (the codec's rule; face order unchanged).
+        orient: outward winding by flag-line parity, open sheets by the codec's documented rule
+            (``backend.ovoxel.decode.orient_open_sheets``; face order unchanged).
         remove_unused: drop vertices no face uses (kept vertices stay in row order).
         nosplit_rule: ``"normal"`` or ``"official"`` (only used without γ).
     """
@@ -253,7 +254,8 @@ def extract_mesh(coords: torch.Tensor, dual_vertices: torch.Tensor, intersected:
         # (one implementation; on closed surfaces it returns the parity flip unchanged).
         from backend.ovoxel.decode import make_winding_consistent
 
-        flip_np = make_winding_consistent(quads.cpu().numpy(), flip.cpu().numpy(), n, q_axes.cpu().numpy())
+        flip_np = make_winding_consistent(quads.cpu().numpy(), flip.cpu().numpy(), n, q_axes.cpu().numpy(),
+                                          verts.detach().cpu().numpy())
         flip = torch.as_tensor(flip_np, device=device)
         tri = torch.where(flip[:, None, None], tri[:, :, [0, 2, 1]], tri)
     faces = tri.reshape(-1, 3)

@@ -422,6 +422,8 @@ def encode_shape_torch(vertices, faces, resolution: int, aabb: Any = DEFAULT_AAB
     iso = bool(np.all(kscale == 1.0))
     U = P if iso else P * kscale
     qT = torch.from_numpy(E._face_quadrics(P[f[:, 0]], P[f[:, 1]], P[f[:, 2]], kscale, iso)).to(dev)
+    # side of every face along x, y, z (the codec's OVoxel.sides, same float64 cross product)
+    nsign = torch.from_numpy(np.sign(E._cross_rows(P[f[:, 1]] - P[f[:, 0]], P[f[:, 2]] - P[f[:, 0]]))).to(dev)
     use_face = face_weight > 0
     lam_b = float(boundary_weight)
     lam_r = float(regularization_weight)
@@ -464,7 +466,7 @@ def encode_shape_torch(vertices, faces, resolution: int, aabb: Any = DEFAULT_AAB
     w_face = 1.0 if use_face else 0.0
     tick("slab_setup")
 
-    out_c, out_d, out_f = [], [], []
+    out_c, out_d, out_f, out_s = [], [], [], []
     n_cross = 0
     n_cons = 0
     for sa, sb in groups:
@@ -519,6 +521,9 @@ def encode_shape_torch(vertices, faces, resolution: int, aabb: Any = DEFAULT_AAB
         nv = uk.shape[0]
         flags = torch.zeros((nv, 3), dtype=torch.bool, device=dev)
         flags[inc_v[is_own], own_ax] = True
+        side_sum = torch.zeros(3 * nv, dtype=_F64, device=dev)
+        side_sum.index_add_(0, inc_v[is_own] * 3 + own_ax, nsign[sel[inc_tl[is_own]], own_ax])
+        out_s.append(torch.sign(side_sum).to(torch.int8).reshape(nv, 3))
         cnt = torch.bincount(inc_v, minlength=nv).to(_F64)
         psum = torch.zeros((3, nv), dtype=_F64, device=dev)
         for d in range(3):
@@ -605,15 +610,16 @@ def encode_shape_torch(vertices, faces, resolution: int, aabb: Any = DEFAULT_AAB
     coords = torch.cat(out_c).cpu().numpy()
     dual = torch.cat(out_d).cpu().numpy()
     flags = torch.cat(out_f).cpu().numpy()
+    sides = torch.cat(out_s).cpu().numpy()
     if order == "morton" and coords.shape[0]:
         from backend.ovoxel.grid import morton_encode
 
         perm = np.argsort(morton_encode(coords), kind="stable")
-        coords, dual, flags = coords[perm], dual[perm], flags[perm]
+        coords, dual, flags, sides = coords[perm], dual[perm], flags[perm], sides[perm]
     tick("output")
     stats.update(crossings=n_cross, voxels=int(coords.shape[0]), constrained=n_cons, timing=timing)
     return OVoxel(resolution=R, aabb=box, coords=coords, dual_vertices=dual, intersected=flags,
-                  meta={"encode_stats": stats})
+                  sides=sides, meta={"encode_stats": stats})
 
 
 # ----------------------------------------------------------------------------------------------

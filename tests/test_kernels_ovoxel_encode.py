@@ -42,6 +42,7 @@ def _assert_parity(a: ox.OVoxel, b: ox.OVoxel, atol: float = 1e-5, dual: bool = 
     assert b.coords.dtype == np.int32 and b.dual_vertices.dtype == np.float32 and b.intersected.dtype == bool
     np.testing.assert_array_equal(b.coords, a.coords)
     np.testing.assert_array_equal(b.intersected, a.intersected)
+    np.testing.assert_array_equal(b.sides, a.sides)     # the source side of every flagged edge
     if dual:
         np.testing.assert_allclose(b.dual_vertices, a.dual_vertices, rtol=0, atol=atol)
     sa, sb = a.meta["encode_stats"], b.meta["encode_stats"]

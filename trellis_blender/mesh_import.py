@@ -165,13 +165,15 @@ def vertex_pbr(arrays: Mapping[str, np.ndarray], n_vertices: int) -> Optional[di
 def voxel_attrs_at(points: np.ndarray, coords: np.ndarray, attrs: np.ndarray, resolution: int,
                    aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))) -> np.ndarray:
     """Per-point attributes from a sparse voxel grid: trilinear via the O-Voxel codec when it is
-    bundled, else the attributes of the voxel containing each point (mean of all for points outside
-    every voxel). Vectorised; ``points`` (P, 3) in the grid's world frame."""
+    bundled (the nearest present voxel for points with none around them, never zeros), else the
+    attributes of the voxel containing each point (mean of all for points outside every voxel).
+    Vectorised; ``points`` (P, 3) in the grid's world frame."""
     try:
         from .backend.ovoxel import sample_attributes  # numpy-only codec shipped with the extension
 
         out = sample_attributes(np.asarray(coords), np.asarray(attrs, dtype=np.float32), int(resolution),
-                                np.asarray(aabb, dtype=np.float64), np.asarray(points, dtype=np.float32))
+                                np.asarray(aabb, dtype=np.float64), np.asarray(points, dtype=np.float32),
+                                fallback="nearest")
         out = np.asarray(out, dtype=np.float32)
         if out.shape == (len(points), attrs.shape[1]) and np.isfinite(out).all():
             return out
@@ -300,6 +302,36 @@ def import_result(context: "bpy.types.Context", arrays: Mapping[str, Any], *, na
     obj.select_set(True)
     context.view_layer.objects.active = obj
     return obj
+
+
+def decimate_object(obj: "bpy.types.Object", target_faces: int) -> int:
+    """Collapse-decimate ``obj``'s mesh to about ``target_faces`` triangles (Blender's Decimate
+    modifier, applied through the evaluated mesh; attributes are interpolated). Returns the new face
+    count; nothing happens when the mesh already has at most ``target_faces``."""
+    me = obj.data
+    n = len(me.polygons)
+    if target_faces <= 0 or n <= target_faces:
+        return n
+    mod = obj.modifiers.new("TRELLIS_Decimate", "DECIMATE")
+    mod.decimate_type = "COLLAPSE"
+    mod.ratio = float(target_faces) / n
+    mod.use_collapse_triangulate = True
+    try:
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        new = bpy.data.meshes.new_from_object(obj.evaluated_get(depsgraph), preserve_all_data_layers=True,
+                                              depsgraph=depsgraph)
+    finally:
+        obj.modifiers.remove(mod)
+    new.name = me.name
+    for mat in me.materials:
+        if mat is not None and mat.name not in [m.name for m in new.materials if m is not None]:
+            new.materials.append(mat)
+    for key in me.keys():
+        new[key] = me[key]
+    obj.data = new
+    if me.users == 0:
+        bpy.data.meshes.remove(me)
+    return len(new.polygons)
 
 
 def set_job_properties(obj: "bpy.types.Object", meta: Mapping[str, Any]) -> None:

@@ -264,9 +264,12 @@ def _needs_blender_bake(arrays: dict, material_mode: str) -> bool:
     return material_mode == "TEXTURES" and "base_color_texture" not in a and "coords" in a and "attrs" in a
 
 
-def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir) -> None:
-    """Give ``obj`` (a freshly imported result) a ``UVMap`` (Smart UV Project) and baked PBR textures
-    sampled from the result's voxel attributes; its vertex-attribute material is replaced."""
+def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, save_dir, *,
+                       aabb=((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5)), to_grid=None, uv_name: str = "UVMap") -> None:
+    """Give ``obj`` (a freshly imported result or O-Voxel) a UV map ``uv_name`` (Smart UV Project) and
+    baked PBR textures sampled from the voxel attributes ``arrays["coords"/"attrs"]``; its vertex-attribute
+    material is replaced. ``to_grid`` maps object-space points into the grid's frame (``aabb``) when
+    the object is not in it (an O-Voxel imported at its source's size and up axis)."""
     from .backend.ovoxel.uvbake import bake_attributes
 
     me = obj.data
@@ -276,12 +279,13 @@ def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, s
     attrs = np.asarray(arrays["attrs"], dtype=np.float32)
     base, mr, _coverage = bake_attributes(
         tri["vertices"], tri["faces"], uv, size,
-        lambda pts: mesh_import.voxel_attrs_at(pts, coords, attrs, resolution))
-    mesh_import.set_uv_map(me, "UVMap", loop_uv)
+        lambda pts: mesh_import.voxel_attrs_at(pts if to_grid is None else to_grid(pts), coords, attrs,
+                                               resolution, aabb))
+    mesh_import.set_uv_map(me, uv_name, loop_uv)
     name = obj.name
     img_bc = materials.image_from_array(f"{name}_BaseColor", base, save_dir=save_dir)
     img_mr = materials.image_from_array(f"{name}_MetallicRoughness", mr, non_color=True, save_dir=save_dir)
-    mat = materials.texture_material(name, img_bc, img_mr, "UVMap", blended=materials.alpha_varies(base[..., 3]))
+    mat = materials.texture_material(name, img_bc, img_mr, uv_name, blended=materials.alpha_varies(base[..., 3]))
     old = me.materials[0] if len(me.materials) else None
     if old is not None:
         me.materials[0] = mat
@@ -781,11 +785,15 @@ class TRELLIS_OT_clear_error(bpy.types.Operator):
 # import and history
 
 
-def load_ovoxel_arrays(path: str, fill_holes: bool = True) -> tuple[dict, dict]:
-    """Mesh arrays (+ PBR) and meta from an O-Voxel file (codec) or a result ``.npz`` (vertices/faces).
+def load_ovoxel_arrays(path: str, fill_holes: bool = True, normalized: bool = False) -> tuple[dict, dict]:
+    """Mesh arrays (+ normals, per-vertex PBR) and meta from an O-Voxel file or a result ``.npz``.
 
-    ``fill_holes``: after decoding an O-Voxel, close boundary loops shorter than 3 % of the box size
-    (the official pipeline's post-decode step; result files already had it)."""
+    O-Voxels go through the codec's one asset decoder (``ovoxel.decode_asset``, the same as
+    ``trellis2 ovoxel decode``): oriented geometry, hole filling (``fill_holes``: loops shorter than 3 %
+    of the box, the official post-decode step), normals, PBR attributes sampled per vertex. Unless
+    ``normalized``, the source's size and position are restored from the stored normalisation and a
+    Y-up source (glTF, OBJ) is turned into Blender's Z-up frame, like Blender's own importers do;
+    meta["restored"] tells whether the vertices are in the source's place (import at the origin)."""
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             names = set(z.files)
@@ -794,24 +802,114 @@ def load_ovoxel_arrays(path: str, fill_holes: bool = True) -> tuple[dict, dict]:
     from .backend import ovoxel  # numpy-only codec bundled with the extension
 
     ov = ovoxel.load(path)
-    decoded = ovoxel.decode_ovoxel(ov)
-    if isinstance(decoded, tuple):
-        vertices, faces = decoded[0], decoded[1]
-    elif isinstance(decoded, dict):
-        vertices, faces = decoded["vertices"], decoded["faces"]
-    else:
-        vertices, faces = decoded.vertices, decoded.faces
-    if fill_holes:
-        extent = float(np.min(np.subtract(*np.asarray(getattr(ov, "aabb", ((-0.5,) * 3, (0.5,) * 3)))[::-1])))
-        vertices, faces = ovoxel.fill_small_holes(vertices, faces, 0.03 * extent)
-    arrays = {"vertices": np.asarray(vertices, np.float32), "faces": np.asarray(faces, np.int32)}
-    attrs = getattr(ov, "attrs", None)
-    resolution = int(getattr(ov, "resolution", 0) or 0)
-    if attrs is not None and resolution:
-        aabb = np.asarray(getattr(ov, "aabb", ((-0.5,) * 3, (0.5,) * 3)), dtype=np.float64)
-        arrays["attrs"] = mesh_import.voxel_attrs_at(arrays["vertices"], np.asarray(ov.coords), np.asarray(attrs),
-                                                     resolution, aabb)
-    return arrays, {"resolution": resolution}
+    dec = ovoxel.decode_asset(ov, fill_holes=fill_holes, frame="normalized" if normalized else "source")
+    up = dec.up_axis
+    arrays = {"vertices": ovoxel.to_blender_frame(dec.vertices, up), "faces": dec.faces,
+              "normals": ovoxel.to_blender_frame(dec.normals, up)}
+    if dec.attrs is not None:
+        arrays["attrs"] = dec.attrs
+    return arrays, {"resolution": ov.resolution, "restored": dec.frame == "source", "up_axis": up,
+                    "coords": ov.coords, "voxel_attrs": ov.attrs, "aabb": ov.aabb,
+                    "normalization": ov.meta.get("normalization")}
+
+
+OVOXEL_PROP = "trellis2_ovoxel"
+
+
+class VoxelSource:
+    """The voxel PBR attributes an object was made from, and how its object space maps into their grid."""
+
+    def __init__(self, coords, attrs, resolution: int, aabb=((-0.5,) * 3, (0.5,) * 3), up_axis: str = "Z",
+                 normalization: Optional[dict] = None, restored: bool = False):
+        self.coords, self.attrs, self.resolution = np.asarray(coords), np.asarray(attrs, np.float32), int(resolution)
+        self.aabb = np.asarray(aabb, np.float64)
+        self.up_axis, self.normalization, self.restored = up_axis, normalization, bool(restored)
+
+    def to_grid(self, pts: np.ndarray) -> np.ndarray:
+        from .backend import ovoxel
+
+        return ovoxel.grid_points(pts, up_axis=self.up_axis, normalization=self.normalization, aabb=self.aabb,
+                                  restored=self.restored)
+
+    def bake(self, context, obj, size: int, save_dir=None) -> None:
+        """UVs + baked base colour / metallic-roughness textures on ``obj`` (the generator's bake path)."""
+        me = obj.data
+        uv_name = next((n for n in ("UVMap", mesh_import.UV_NAME_NEW) if n not in me.uv_layers), None)
+        if uv_name is None:
+            raise ValueError(f"{obj.name!r} already has UV maps 'UVMap' and '{mesh_import.UV_NAME_NEW}'")
+        bake_textures_onto(context, obj, {"coords": self.coords, "attrs": self.attrs}, self.resolution, size,
+                           save_dir, aabb=self.aabb, to_grid=self.to_grid, uv_name=uv_name)
+
+
+def voxel_source_path(obj) -> Optional[str]:
+    """The file holding ``obj``'s voxel attributes: the O-Voxel it was imported from, or its job's
+    stored result (generated objects); None when there is none."""
+    if obj is None or obj.type != "MESH":
+        return None
+    path = obj.get(OVOXEL_PROP)
+    if path and os.path.isfile(path):
+        return str(path)
+    job = obj.get("trellis2_job")
+    if job:
+        result = os.path.join(str(cache_dir()), "jobs", str(job), "result", "result.npz")
+        if os.path.isfile(result):
+            return result
+    return None
+
+
+def load_voxel_source(obj) -> VoxelSource:
+    """:class:`VoxelSource` of ``obj`` (see :func:`voxel_source_path`); ValueError when it has none."""
+    path = voxel_source_path(obj)
+    if path is None:
+        raise ValueError(f"{getattr(obj, 'name', '?')!r} has no O-Voxel or stored TRELLIS result to bake from")
+    if path == obj.get(OVOXEL_PROP):
+        from .backend import ovoxel
+
+        ov = ovoxel.load(path)
+        if ov.attrs is None:
+            raise ValueError(f"{os.path.basename(path)} has no PBR attributes")
+        return VoxelSource(ov.coords, ov.attrs, ov.resolution, ov.aabb, ovoxel.source_up_axis(ov.meta),
+                           ov.meta.get("normalization"), bool(obj.get(OVOXEL_PROP + "_restored", False)))
+    with np.load(path, allow_pickle=False) as z:
+        if "coords" not in z.files or "attrs" not in z.files:
+            raise ValueError("the stored result has no voxel attributes (coords/attrs)")
+        coords, attrs = z["coords"], z["attrs"]
+    if len(attrs) != len(coords):
+        raise ValueError("the stored result's attributes are per vertex, not per voxel")
+    meta = _read_json(os.path.join(os.path.dirname(path), "meta.json"))
+    res = int(obj.get("trellis2_resolution") or meta.get("resolution") or int(np.asarray(coords).max()) + 1)
+    return VoxelSource(coords, attrs, res)
+
+
+class TRELLIS_OT_bake_voxel_textures(bpy.types.Operator):
+    """Give the active imported O-Voxel or generated object UVs and baked base colour / metallic-roughness
+    image textures from its voxels (for editing and glTF export)"""
+
+    bl_idname = "trellis.bake_voxel_textures"
+    bl_label = "Bake PBR Textures"
+    bl_options = {"REGISTER", "UNDO"}
+
+    texture_size: IntProperty(name="Texture Size", default=1024, min=64, max=8192,
+                              description="Width and height of the baked textures (pixels)")
+
+    @classmethod
+    def poll(cls, context):
+        if voxel_source_path(context.active_object) is None:
+            cls.poll_message_set("Select an imported O-Voxel or a generated object whose job result is stored")
+            return False
+        return True
+
+    def execute(self, context):
+        obj = context.active_object
+        try:
+            if obj.mode != "OBJECT":
+                bpy.ops.object.mode_set(mode="OBJECT")
+            load_voxel_source(obj).bake(context, obj, self.texture_size)
+        except Exception as exc:
+            self.report({"ERROR"}, f"Cannot bake {obj.name}: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Baked {self.texture_size}² PBR textures onto {obj.name}")
+        return {"FINISHED"}
 
 
 class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
@@ -826,18 +924,46 @@ class TRELLIS_OT_import_ovoxel(bpy.types.Operator, ImportHelper):
     fill_holes: BoolProperty(
         name="Fill Small Holes", default=True,
         description="Close holes shorter than 3% of the box size after decoding, as the official pipeline does")
+    normalized: BoolProperty(
+        name="Import Normalised", default=False,
+        description="Keep the O-Voxel's unit cube (1 m, centred, at the 3D cursor) instead of restoring the "
+                    "source asset's size, position and up axis")
+    decimate: IntProperty(
+        name="Target Faces", default=500_000, min=0, soft_max=5_000_000,
+        description="Decimate the decoded mesh to about this many triangles (0 = keep all; a 1024 O-Voxel "
+                    "decodes to millions)")
+    bake_textures: BoolProperty(
+        name="Bake Textures", default=False,
+        description="Give the mesh UVs (Smart UV Project) and baked base colour / metallic-roughness image "
+                    "textures, so it edits and exports (glTF) like any textured asset; else vertex attributes")
+    texture_size: IntProperty(name="Texture Size", default=1024, min=64, max=8192,
+                              description="Width and height of the baked textures (pixels)")
 
     def execute(self, context):
         path = self.filepath
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"File not found: {path}")
             return {"CANCELLED"}
+        obj = None
         try:
-            arrays, meta = load_ovoxel_arrays(path, self.fill_holes)
+            arrays, meta = load_ovoxel_arrays(path, self.fill_holes, self.normalized)
+            if self.decimate and len(arrays["faces"]) > self.decimate:
+                arrays.pop("normals", None)  # custom normals do not survive a collapse; smooth shading does
             name = bpy.path.display_name_from_filepath(path) or "OVoxel"
             obj = mesh_import.import_result(context, arrays, name=name, material_mode="VERTEX",
-                                            meta={"job": meta.get("job")})
+                                            meta={"job": meta.get("job")},
+                                            location=(0.0, 0.0, 0.0) if meta.get("restored") else None)
+            mesh_import.decimate_object(obj, self.decimate)
+            if meta.get("coords") is not None:  # what Bake PBR Textures needs later
+                obj[OVOXEL_PROP] = os.path.abspath(path)
+                obj[OVOXEL_PROP + "_restored"] = bool(meta["restored"])
+            if self.bake_textures and meta.get("voxel_attrs") is not None:
+                src = VoxelSource(meta["coords"], meta["voxel_attrs"], meta["resolution"], meta["aabb"],
+                                  meta["up_axis"], meta["normalization"], meta["restored"])
+                src.bake(context, obj, self.texture_size)
         except Exception as exc:
+            if obj is not None:  # a failed decimation / bake leaves nothing behind
+                bpy.data.objects.remove(obj)
             self.report({"ERROR"}, f"Cannot import {os.path.basename(path)}: {exc}")
             return {"CANCELLED"}
         self.report({"INFO"}, f"Imported {obj.name}: {len(obj.data.vertices)} vertices, {len(obj.data.polygons)} faces")
@@ -953,7 +1079,7 @@ CLASSES = (
     TRELLIS_OT_preview_cutout,
     TRELLIS_OT_generate, TRELLIS_OT_texture_selected, TRELLIS_OT_upscale, TRELLIS_OT_apply_result,
     TRELLIS_OT_cancel, TRELLIS_OT_backend, TRELLIS_OT_randomize_seed, TRELLIS_OT_use_fp32, TRELLIS_OT_clear_error,
-    TRELLIS_OT_import_ovoxel, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,
+    TRELLIS_OT_import_ovoxel, TRELLIS_OT_bake_voxel_textures, TRELLIS_OT_history_refresh, TRELLIS_OT_history_reimport,
     TRELLIS_OT_history_rerun, TRELLIS_OT_history_open_folder,
 )
 

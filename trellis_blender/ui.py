@@ -147,6 +147,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
             row = layout.row()
             row.enabled = has_image
             row.operator("trellis.texture_selected", icon="TEXTURE")
+            layout.operator("trellis.bake_voxel_textures", icon="IMAGE")   # imported O-Voxels / generated objects
             _draw_texture_selected(layout, context, settings)
             if not has_image:
                 layout.label(text="Pick an input image first", icon="INFO")

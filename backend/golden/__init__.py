@@ -1,7 +1,10 @@
 """Golden-data harness: run our implementation on ../shared/golden cases and compare.
 
-Each case ``case_<name>`` has a handler registered with :func:`case` in one of the modules listed
-in ``HANDLER_MODULES``. A handler receives the case (tensors + JSON) and returns a dict of output
+Each case ``case_<name>`` is dispatched by the ``call`` its JSON describes: handlers register with
+:func:`case` (name and, for cases that state one, the call) in one of the modules listed in
+``HANDLER_MODULES``, so a differently named case with the same call (numbers and comments aside) runs
+the same handler; cases without a ``call`` (or whose call no handler knows) fall back to the name.
+A handler receives the case (tensors + JSON) and returns a dict of output
 name (``"out.*"``) → tensor; :func:`check_case` compares them with the case's tolerances
 (integer/bool outputs exactly). ``python -m backend.golden DIR`` runs every case.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,13 +55,24 @@ class CaseReport:
 
 Handler = Callable[[GoldenCase], dict[str, torch.Tensor]]
 _HANDLERS: dict[str, Handler] = {}
+_BY_CALL: dict[str, Handler] = {}
 
 
-def case(name: str) -> Callable[[Handler], Handler]:
-    """Decorator registering the handler for golden case ``name`` (without the ``case_`` prefix)."""
+def call_key(call: str) -> str:
+    """A case's ``call`` as a dispatch key: comment dropped, whitespace collapsed, numbers masked
+    (``grid_size=64`` and ``grid_size=128`` are the same call on another grid)."""
+    text = " ".join(str(call).split("#", 1)[0].split())
+    return re.sub(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", "N", text)
+
+
+def case(name: str, call: str | None = None) -> Callable[[Handler], Handler]:
+    """Decorator registering the handler for golden case ``name`` (without the ``case_`` prefix) and,
+    when given, for every case whose JSON ``call`` is ``call`` (see :func:`call_key`)."""
 
     def deco(fn: Handler) -> Handler:
         _HANDLERS[name] = fn
+        if call is not None:
+            _BY_CALL[call_key(call)] = fn
         return fn
 
     return deco
@@ -114,14 +129,25 @@ def check_outputs(gc: GoldenCase, outputs: dict[str, torch.Tensor]) -> CaseRepor
     return report
 
 
-def run_case(root: Path, name: str) -> CaseReport:
-    """Run the registered handler of case ``name`` and compare its outputs."""
+def handler_for(name: str, meta: dict) -> Handler | None:
+    """The handler of a case: by its ``call`` when one is registered, else by its name."""
     table = handlers()
-    if name not in table:
-        return CaseReport(name, False, {"*": "no handler registered"}, missing_handler=True)
+    call = meta.get("call")
+    if call is not None and call_key(call) in _BY_CALL:
+        return _BY_CALL[call_key(call)]
+    return table.get(name)
+
+
+def run_case(root: Path, name: str) -> CaseReport:
+    """Run the handler of case ``name`` (dispatched by its ``call``) and compare its outputs."""
+    meta = json.loads((Path(root) / f"case_{name}.json").read_text())
+    fn = handler_for(name, meta)
+    if fn is None:
+        return CaseReport(name, False, {"*": f"no handler registered for call {meta.get('call')!r}"},
+                          missing_handler=True)
     gc = load_case(root, name)
     with torch.no_grad():
-        outputs = table[name](gc)
+        outputs = fn(gc)
     return check_outputs(gc, outputs)
 
 

@@ -14,7 +14,7 @@ def _dbg_common(model: torch.nn.Module, t: torch.Tensor) -> dict[str, torch.Tens
     return {"dbg.t_emb": t_emb, "dbg.mod": model.adaLN_modulation(t_emb)}
 
 
-@case("ss_flow_forward")
+@case("ss_flow_forward", call='y = model(x, t, cond)')
 def ss_flow_forward(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Dense DiT: ``y = model(x, t, cond)``."""
     T = gc.tensors
@@ -41,13 +41,14 @@ def _slat_forward(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return {"out.y": y.feats, **dbg, **_dbg_common(model, T["in.t"])}
 
 
-@case("slat_flow_shape_forward")
+@case("slat_flow_shape_forward", call='y = model(SparseTensor(x, coords), t, cond)')
 def slat_flow_shape_forward(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Sparse DiT (shape): ``y = model(SparseTensor(x, coords), t, cond)``."""
     return _slat_forward(gc)
 
 
-@case("slat_flow_tex_forward")
+@case("slat_flow_tex_forward",
+      call=('y = model(SparseTensor(x, coords), t, cond, concat_cond=SparseTensor(concat_cond, coords))'))
 def slat_flow_tex_forward(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Sparse DiT (texture): ``model(x, t, cond, concat_cond=SparseTensor(concat_cond, coords))``."""
     return _slat_forward(gc)

@@ -8,7 +8,9 @@ from . import GoldenCase, case
 from ..ovoxel import flexible_dual_grid_to_mesh
 
 
-@case("fdg_mesh_sphere")
+@case("fdg_mesh_sphere",
+      call=('v, f = flexible_dual_grid_to_mesh(coords, dual_vertices, intersected, split_weight or None, '
+            'aabb=[[-0.5]*3,[0.5]*3], grid_size=64, train=False)'))
 def fdg_mesh_sphere(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Official ``flexible_dual_grid_to_mesh`` on the ground-truth sphere grid, with and without γ."""
     t = gc.tensors

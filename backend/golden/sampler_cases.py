@@ -32,7 +32,7 @@ def _params(meta: dict) -> SamplerParams:
                          guidance_interval=tuple(s["guidance_interval"]), rescale_t=s["rescale_t"])
 
 
-def _model_case(name: str, cls_name: str):
+def _model_case(name: str, cls_name: str, call: str | None = None):
     """Register the handler only once the networks package can build ``cls_name``."""
     try:
         from ..models import get_model_class
@@ -40,7 +40,7 @@ def _model_case(name: str, cls_name: str):
         get_model_class(cls_name)
     except Exception:  # networks not there yet: leave the case without handler
         return lambda fn: fn
-    return case(name)
+    return case(name, call)
 
 
 def _model(gc: GoldenCase) -> torch.nn.Module:
@@ -49,7 +49,8 @@ def _model(gc: GoldenCase) -> torch.nn.Module:
     return from_pretrained(str(gc.model_path()), device="cpu").float().eval()
 
 
-@_model_case("sampler_slat_cfg", "SLatFlowModel")
+@_model_case("sampler_slat_cfg", "SLatFlowModel",
+             'sampler.sample(model, SparseTensor(noise, coords), cond=cond, neg_cond=neg_cond, **params).samples')
 def sampler_slat_cfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
     from ..modules.sparse import SparseTensor
 
@@ -63,7 +64,8 @@ def sampler_slat_cfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
             "dbg.pred_x_0": torch.stack([r[1] for r in rec])}
 
 
-@_model_case("sampler_ss_cfg", "SparseStructureFlowModel")
+@_model_case("sampler_ss_cfg", "SparseStructureFlowModel",
+             'sampler.sample(model, noise, cond=cond, neg_cond=neg_cond, **params).samples')
 def sampler_ss_cfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
     T = gc.tensors
     sampler = FlowEulerGuidanceIntervalSampler(sigma_min=gc.meta["sampler"]["sigma_min"])
@@ -72,7 +74,9 @@ def sampler_ss_cfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return {"out.samples": out, "dbg.x_after_step0": rec[0][0], "dbg.x0_pred_step0": rec[0][1]}
 
 
-@_model_case("sampler_tex_nocfg", "SLatFlowModel")
+@_model_case("sampler_tex_nocfg", "SLatFlowModel",
+             ('sampler.sample(model, SparseTensor(noise, coords), concat_cond=SparseTensor(concat_cond, coords), '
+              'cond=cond, neg_cond=neg_cond, **params).samples'))
 def sampler_tex_nocfg(gc: GoldenCase) -> dict[str, torch.Tensor]:
     from ..modules.sparse import SparseTensor
 

@@ -41,7 +41,9 @@ def _encoder_outputs(gc: GoldenCase, z: SparseTensor, mean: torch.Tensor, logvar
     return {"out.latent_coords": z.coords, "out.mean": mean, "out.logvar": logvar}
 
 
-@case("shape_encoder")
+@case("shape_encoder",
+      call=('z, mean, logvar = model(SparseTensor(vertices, coords), SparseTensor(intersected, coords), '
+            'return_raw=True)'))
 def shape_encoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """FlexiDualGridVaeEncoder on a flexible dual grid; level coords checked exactly on the way."""
     t = gc.tensors
@@ -52,7 +54,8 @@ def shape_encoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return _encoder_outputs(gc, z, mean, logvar, hier)
 
 
-@case("tex_encoder")
+@case("tex_encoder",
+      call='z, mean, logvar = model(SparseTensor(feats, coords), return_raw=True)')
 def tex_encoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """SparseUnetVaeEncoder (class/args from ``model_override``) on 6-channel features."""
     t = gc.tensors
@@ -85,10 +88,12 @@ def shape_decoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return out
 
 
-case("shape_decoder")(shape_decoder)
+case("shape_decoder", call="meshes, subs = model(SparseTensor(latent, coords), return_subs=True)")(shape_decoder)
 
 
-@case("tex_decoder_guided")
+@case("tex_decoder_guided",
+      call=('y = model(SparseTensor(latent, coords), guide_subs=[SparseTensor(guide_sub{i}_logits, '
+            'guide_sub{i}_coords) for i in 0..3])'))
 def tex_decoder_guided(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Texture decoder following the shape decoder's subdivision logits (row for row)."""
     t = gc.tensors
@@ -99,7 +104,8 @@ def tex_decoder_guided(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return {"out.y": y.feats, "out.coords": y.coords}
 
 
-@case("tex_decoder_encoder_cache")
+@case("tex_decoder_encoder_cache",
+      call='z = shape_encoder(...)  [case shape_encoder];  y = model(z.replace(latent))')
 def tex_decoder_encoder_cache(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Texture decoder on the encoder's level hierarchy, passed explicitly (texturing pipeline)."""
     t = gc.tensors
@@ -110,7 +116,9 @@ def tex_decoder_encoder_cache(gc: GoldenCase) -> dict[str, torch.Tensor]:
     return {"out.y": y.feats, "out.coords": y.coords}
 
 
-@case("ss_decoder")
+@case("ss_decoder",
+      call=("logits = model(z); occ_coords = argwhere(logits > 0)[:, [0,2,3,4]]; "
+            "occ_coords_pool2 = argwhere(max_pool3d((logits>0).float(), 2, 2, 0) > 0.5)[:, [0,2,3,4]]"))
 def ss_decoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
     """Dense SS decoder + the pipeline's occupancy extraction (and its 2× max-pool variant)."""
     model = _load(gc)

@@ -26,6 +26,12 @@ Conventions (apply to every function)
   surface (x: ``(i, j+1, k+1)->(i+1, j+1, k+1)``, y: ``(i+1, j, k+1)->(i+1, j+1, k+1)``,
   z: ``(i+1, j+1, k)->(i+1, j+1, k+1)``). Unsigned (logical OR over triangles), as official.
   Packed form (files): ``uint8 x | y << 1 | z << 2``.
+* **sides** (ours, optional): int8 ``[N, 3]``, the side the *source* surface faces at each flagged edge
+  (+1: its normal points to +axis). Orientation of decoded meshes: closed components face outward and
+  nested shells alternate (cavities inward), by ray parity of the flags, whatever the source winding;
+  open sheets (>= 0.5·sqrt(quads) boundary edges) take the majority of their stored sides, and without
+  them (VAE outputs, official files) face away from their own centroid, flat ones the positive
+  direction of the axis their area vector is largest along (:func:`decode.orient_open_sheets`).
 * **split_weight** (γ): float32 ``[N, 1]`` (``[N]`` accepted) ``>= 0`` or ``None``. Only the VAE
   decoder produces it; encoders and files from meshes have ``None``.
 * **attrs**: float32 ``[N, 6]`` in ``[0, 1]``, layout :data:`ATTR_LAYOUT` =
@@ -51,7 +57,9 @@ Decoding (O-Voxel -> mesh)
     consistent outward orientation; ``official=True`` reproduces ``flexible_dual_grid_to_mesh`` bit for bit,
     face order included; the clean mode keeps the official face order too and only reverses windings),
     :func:`flexible_dual_grid_to_mesh` (the official signature, official semantics),
-    :func:`decode_ovoxel` (convenience for an :class:`OVoxel`).
+    :func:`decode_ovoxel` (convenience for an :class:`OVoxel`),
+    :func:`decode_asset` (the one asset decoder of ``ovoxel decode`` and the Blender importer: geometry,
+    hole filling, normals, per-vertex PBR, source frame; :func:`to_blender_frame` for Y-up sources).
 PBR attributes
     :func:`voxelize_pbr` (textured :class:`MeshData` -> ``attrs [N, 6]`` on given coords),
     :func:`sample_attributes` (sparse trilinear sampling with official renormalisation),
@@ -94,6 +102,8 @@ from .decode import decode_mesh, decode_ovoxel, flexible_dual_grid_to_mesh
 from .pbr import AttributeSampler, sample_attributes, voxelize_pbr
 from .io import load, load_npz, load_vxz, save, save_npz, save_vxz
 from .meshutil import fill_small_holes
+from .asset import (DecodedAsset, decode_asset, from_blender_frame, grid_points, source_up_axis, to_blender_frame,
+                    vertex_normals)
 
 __all__ = [
     "ATTR_CHANNELS", "ATTR_LAYOUT", "DEFAULT_AABB", "FORMAT_VERSION",
@@ -105,4 +115,6 @@ __all__ = [
     "voxelize_pbr", "sample_attributes", "AttributeSampler",
     "save_npz", "load_npz", "save_vxz", "load_vxz", "save", "load",
     "fill_small_holes",
+    "DecodedAsset", "decode_asset", "source_up_axis", "to_blender_frame", "from_blender_frame", "grid_points",
+    "vertex_normals",
 ]

@@ -83,6 +83,10 @@ class OVoxel:
     * ``intersected`` bool ``[N, 3]`` (edge-crossed flags, see the package docstring);
     * ``split_weight`` float32 ``[N, 1]`` or ``None`` (VAE output only);
     * ``attrs`` float32 ``[N, 6]`` in [0, 1] or ``None`` (:data:`ATTR_LAYOUT`);
+    * ``sides`` int8 ``[N, 3]`` or ``None``: for each flagged edge, the side the *source* surface faces
+      there (+1: its normal points to +axis, -1: to -axis, 0: unknown or cancelling crossings). Only our
+      encoder knows it (official files and VAE outputs have ``None``); the decoder uses it to keep open
+      sheets on their source side (closed surfaces are oriented by the flags alone);
     * ``meta`` free-form dict (encoder statistics, source file, normalisation ...; JSON-able values).
     """
 
@@ -94,6 +98,7 @@ class OVoxel:
     split_weight: Optional[np.ndarray] = None
     attrs: Optional[np.ndarray] = None
     meta: dict = field(default_factory=dict)
+    sides: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         self.resolution = check_resolution(self.resolution)
@@ -107,6 +112,8 @@ class OVoxel:
             self.attrs = np.ascontiguousarray(np.asarray(self.attrs, dtype=np.float32))
             if self.attrs.ndim == 1:
                 self.attrs = self.attrs.reshape(-1, 1)
+        if self.sides is not None:
+            self.sides = np.ascontiguousarray(np.sign(np.asarray(self.sides)).reshape(-1, 3), dtype=np.int8)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -138,6 +145,8 @@ class OVoxel:
                 raise OVoxelError(f"split_weight must have shape ({n}, 1), got {self.split_weight.shape}")
             if not np.isfinite(self.split_weight).all() or (self.split_weight < 0).any():
                 raise OVoxelError("split_weight must be finite and >= 0")
+        if self.sides is not None and self.sides.shape != (n, 3):
+            raise OVoxelError(f"sides must have shape ({n}, 3), got {self.sides.shape}")
         if self.attrs is not None:
             if self.attrs.ndim != 2 or self.attrs.shape[0] != n:
                 raise OVoxelError(f"attrs must have shape ({n}, C), got {self.attrs.shape}")
@@ -157,7 +166,8 @@ class OVoxel:
             resolution=self.resolution, aabb=self.aabb.copy(), coords=self.coords[index],
             dual_vertices=self.dual_vertices[index], intersected=self.intersected[index],
             split_weight=None if self.split_weight is None else self.split_weight[index],
-            attrs=None if self.attrs is None else self.attrs[index], meta=dict(self.meta))
+            attrs=None if self.attrs is None else self.attrs[index], meta=dict(self.meta),
+            sides=None if self.sides is None else self.sides[index])
 
     def sorted(self, order: str = "morton") -> "OVoxel":
         """Rows re-ordered: ``"morton"`` (z-order, x high bit) or ``"lex"`` (x, then y, then z)."""

@@ -26,15 +26,20 @@ def register(subparsers) -> None:
     e.add_argument("--no-pbr", action="store_true", help="geometry only (no PBR attributes)")
     e.add_argument("--quantize", action="store_true", help="store uint8 offsets/attributes (official training layout)")
     e.add_argument("--order", choices=("lex", "morton"), default="lex", help="voxel row order (default lex)")
+    e.add_argument("--compress", type=int, default=1, choices=range(10), metavar="0-9",
+                   help=".npz deflate level (default 1: fast; 0 = uncompressed, 9 = smallest)")
     e.set_defaults(func=_encode)
 
-    d = sub.add_parser("decode", help="O-Voxel file -> mesh (.glb/.ply/.obj) with base colour as vertex colours")
+    d = sub.add_parser("decode", help="O-Voxel file -> mesh (.glb/.ply/.obj): normals, base colour + alpha as vertex "
+                                      "colours, per-vertex metallic/roughness (.glb); the Blender importer's decoder")
     d.add_argument("input", help="input .npz (or .vxz)")
     d.add_argument("-o", "--output", required=True, help="output .glb, .ply or .obj")
     d.add_argument("--official", action="store_true",
                    help="official flexible_dual_grid_to_mesh output (no orientation fix, all vertices kept)")
     d.add_argument("--keep-normalized", action="store_true",
                    help="do not map back to the source mesh's coordinates (when the encoder normalised it)")
+    d.add_argument("--no-fill-holes", action="store_true",
+                   help="keep holes shorter than 3%% of the box open (the official post-decode step fills them)")
     d.set_defaults(func=_decode)
 
     i = sub.add_parser("info", help="print an O-Voxel file's header and statistics as JSON")
@@ -51,45 +56,46 @@ def _encode(args) -> int:
     t0 = time.perf_counter()
     try:
         mesh = load_mesh(args.mesh, base_color_texture=args.texture)
+        t1 = time.perf_counter()
         ov = encode_mesh(mesh, args.resolution, normalize=not args.no_normalize, pbr=not args.no_pbr,
                          order=args.order)
+        t2 = time.perf_counter()
         ov.meta["source"] = str(args.mesh)
         if args.output.lower().endswith(".vxz"):
             save(args.output, ov)
         else:
-            save(args.output, ov, quantize=args.quantize)
+            save(args.output, ov, quantize=args.quantize, compress=args.compress)
     except (OVoxelError, MeshIOError, OSError) as e:
         print(f"trellis2 ovoxel encode: error: {e}", file=sys.stderr)
         return 1
     st = ov.meta.get("encode_stats", {})
+    t3 = time.perf_counter()
+    pbr_s = st.get("timing", {}).get("pbr", 0.0)
     print(f"{args.mesh}: {st.get('faces', 0)} faces -> {ov.num_voxels} voxels at R={ov.resolution} "
-          f"({time.perf_counter() - t0:.2f} s) -> {args.output}")
+          f"({t3 - t0:.2f} s: load {t1 - t0:.2f}, geometry {t2 - t1 - pbr_s:.2f}, pbr {pbr_s:.2f}, "
+          f"write {t3 - t2:.2f}) -> {args.output}")
     return 0
 
 
 def _decode(args) -> int:
-    import numpy as np
-
     from ..mesh_io import MeshIOError, save_mesh
-    from . import ATTR_LAYOUT, OVoxelError, decode_ovoxel, load, sample_attributes
+    from . import OVoxelError, load
+    from .asset import decode_asset
 
     t0 = time.perf_counter()
     try:
         ov = load(args.input)
-        v, f = decode_ovoxel(ov, official=args.official)
-        colors = None
-        if ov.attrs is not None and v.shape[0]:
-            base = ov.attrs[:, ATTR_LAYOUT["base_color"]]
-            colors = sample_attributes(ov.coords, base, ov.resolution, ov.aabb, v)
-        norm = ov.meta.get("normalization")
-        if norm and not args.keep_normalized:
-            center = (ov.aabb[0] + ov.aabb[1]) / 2
-            v = ((v.astype(np.float64) - center) / norm["scale"] + np.asarray(norm["center"])).astype(np.float32)
-        save_mesh(args.output, v, f, colors)
-    except (OVoxelError, MeshIOError, OSError) as e:
+        dec = decode_asset(ov, fill_holes=not (args.official or args.no_fill_holes), official=args.official,
+                           frame="normalized" if args.keep_normalized else "source")
+        colors = mr = None
+        if dec.attrs is not None:
+            colors = dec.attrs[:, [0, 1, 2, 5]]
+            mr = dec.attrs[:, 3:5]
+        save_mesh(args.output, dec.vertices, dec.faces, colors, dec.normals, mr)
+    except (OVoxelError, MeshIOError, OSError, ValueError) as e:
         print(f"trellis2 ovoxel decode: error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.input}: {ov.num_voxels} voxels -> {v.shape[0]} vertices, {f.shape[0]} faces "
+    print(f"{args.input}: {ov.num_voxels} voxels -> {dec.vertices.shape[0]} vertices, {dec.faces.shape[0]} faces "
           f"({time.perf_counter() - t0:.2f} s) -> {args.output}")
     return 0
 
@@ -104,6 +110,7 @@ def _info(args) -> int:
         return 1
     info = {"resolution": ov.resolution, "aabb": ov.aabb.tolist(), "voxels": ov.num_voxels,
             "flags": int(ov.intersected.sum()), "split_weight": ov.split_weight is not None,
+            "sides": ov.sides is not None,
             "attrs": None if ov.attrs is None else list(ov.attrs.shape), "meta": ov.meta}
     print(json.dumps(info, indent=1, default=str))
     return 0

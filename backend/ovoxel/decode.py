@@ -484,14 +484,26 @@ def _edge_tables():
 _EDGE_AXIS, _EDGE_LOW = _edge_tables()
 
 
-def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_axes: np.ndarray = None) -> np.ndarray:
-    """Make quad windings agree across manifold dual edges (2 quads), flipping whole patches.
+#: A component counts as an open sheet when it has at least this many boundary dual edges per
+#: sqrt(quad count) (a sheet's rim ~ 4 sqrt(Q); a closed shell with a few decoding holes ~ 0).
+OPEN_SHEET_RATIO = 0.5
+
+
+def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_axes: np.ndarray = None,
+                            verts: Optional[np.ndarray] = None, q_sides: Optional[np.ndarray] = None) -> np.ndarray:
+    """Make quad windings agree across manifold dual edges (2 quads), flipping whole patches, then
+    orient open sheets.
 
     A dual edge joins two axis-neighbour voxels, so it is keyed densely by (lower voxel row, axis);
     pairing uses scatter/gather on that key space (no sort). Patches = components of quads joined by
     agreeing manifold edges; disagreeing edges between patches define a small graph that is
     2-coloured breadth first; in each of its components the patch with the most quads keeps its
     current (parity-based) side.
+
+    Open sheets (see :func:`orient_open_sheets`) are then turned to their source side
+    (``q_sides``: int8 per quad, the stored side of its flagged edge) or, without one, by the
+    documented rule; needs ``verts``. Closed components keep the ray-parity side (outward, cavities
+    inward).
     """
     L = quads.shape[0]
     ax = q_axes.astype(np.int64)
@@ -509,12 +521,12 @@ def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_
     slot_a = np.full(3 * n_vert, -1, ar.dtype)
     slot_a[keys] = ar
     lose = np.flatnonzero(slot_a[keys] != ar)
-    if lose.shape[0] == 0:
-        return flip
     slot_b = np.full(3 * n_vert, -1, ar.dtype)
     kl = keys[lose]
     slot_b[kl] = lose
     rest = lose[slot_b[kl] != lose]      # third and later users: non-manifold dual edges
+    # quad edges whose dual edge no other quad uses: the boundary
+    boundary = (slot_b[keys] < 0) & (slot_a[keys] == ar)
     if rest.shape[0]:
         slot_a[keys[rest]] = -1
     second = lose[slot_b[kl] == lose]
@@ -525,22 +537,72 @@ def make_winding_consistent(quads: np.ndarray, flip: np.ndarray, n_vert: int, q_
     qi = e1 // 4
     qj = e2 // 4
     rel = fwd[e1] == fwd[e2]  # traversed in the same direction -> inconsistent
-    if not rel.any():
+    if rel.any():
+        lab = _components(L, qi[~rel], qj[~rel])
+        pi, pj = lab[qi[rel]], lab[qj[rel]]
+        keep = pi != pj
+        pi, pj = pi[keep], pj[keep]
+        if pi.shape[0]:
+            patches, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
+            npch = patches.shape[0]
+            size = np.bincount(lab, minlength=L)[patches]
+            ea, eb = inv[:pi.shape[0]], inv[pi.shape[0]:]
+            color = _bfs_parity(npch, ea, eb, size)
+            flip_patch = np.zeros(L, bool)
+            flip_patch[patches[color == 1]] = True
+            flip = flip ^ flip_patch[lab]
+    if verts is None or not boundary.any():
         return flip
-    lab = _components(L, qi[~rel], qj[~rel])
-    pi, pj = lab[qi[rel]], lab[qj[rel]]
-    keep = pi != pj
-    pi, pj = pi[keep], pj[keep]
-    if pi.shape[0] == 0:
+    nb = np.bincount(np.flatnonzero(boundary) // 4, minlength=L)
+    return orient_open_sheets(quads, flip, verts, _components(L, qi, qj), nb, q_sides)
+
+
+def orient_open_sheets(quads: np.ndarray, flip: np.ndarray, verts: np.ndarray, comp: np.ndarray,
+                       n_boundary: np.ndarray, q_sides: Optional[np.ndarray] = None) -> np.ndarray:
+    """Turn every open sheet (a component, ``comp`` per quad, with at least
+    :data:`OPEN_SHEET_RATIO` x sqrt(quads) boundary dual edges; ``n_boundary`` per quad) to one side:
+
+    1. the source side when it is known: the majority of ``q_sides`` (the encoder's stored side of
+       each quad's edge crossing; +1 = source normal towards +axis) over the sheet;
+    2. otherwise the sheet faces away from its own centroid (positive signed volume about it, e.g. a
+       dome or bowl faces its convex side);
+    3. a flat sheet (that volume below 1e-3 x area^1.5) faces the positive direction of the axis its
+       area vector is largest along (a ground plane faces up).
+
+    Windings within a sheet are already consistent, so whole sheets are flipped. Returns the new flip.
+    """
+    L = quads.shape[0]
+    lab = np.asarray(comp, np.int64)               # component labels are quad indices (< L)
+    nq = np.bincount(lab, minlength=L)
+    open_c = (np.bincount(lab, n_boundary, minlength=L) >= OPEN_SHEET_RATIO * np.sqrt(nq)) & (nq > 0)
+    if not open_c.any():
         return flip
-    patches, inv = np.unique(np.concatenate([pi, pj]), return_inverse=True)
-    npch = patches.shape[0]
-    size = np.bincount(lab, minlength=L)[patches]
-    ea, eb = inv[:pi.shape[0]], inv[pi.shape[0]:]
-    color = _bfs_parity(npch, ea, eb, size)
-    flip_patch = np.zeros(L, bool)
-    flip_patch[patches[color == 1]] = True
-    return flip ^ flip_patch[lab]
+    sel = np.flatnonzero(open_c[lab])
+    sgn = np.where(flip[sel], 1.0, -1.0)  # official winding faces -axis, a flipped quad +axis
+    turn = np.zeros(L, bool)
+    undecided = open_c
+    if q_sides is not None:
+        vote = np.bincount(lab[sel], sgn * q_sides[sel], minlength=L)
+        turn = open_c & (vote < 0)
+        undecided = open_c & (vote == 0)
+        keep = undecided[lab[sel]]
+        sel, sgn = sel[keep], sgn[keep]
+    if sel.shape[0]:  # the geometric rule, only for sheets without a stored side
+        ls = lab[sel]
+        P = verts[quads[sel]].astype(np.float64)            # [S, 4, 3]
+        A = 0.5 * np.cross(P[:, 2] - P[:, 0], P[:, 3] - P[:, 1]) * -sgn[:, None]  # vector area as wound
+        ctr = P.mean(1)
+        cnt = np.maximum(np.bincount(ls, minlength=L), 1)
+        cen = np.stack([np.bincount(ls, ctr[:, d], minlength=L) for d in range(3)], 1) / cnt[:, None]
+        vol = np.bincount(ls, ((ctr - cen[ls]) * A).sum(1), minlength=L) / 3.0
+        area = np.bincount(ls, np.linalg.norm(A, axis=1), minlength=L)
+        S = np.stack([np.bincount(ls, A[:, d], minlength=L) for d in range(3)], 1)
+        dom = S[np.arange(L), np.argmax(np.abs(S), axis=1)]
+        flat = np.abs(vol) <= 1e-3 * area ** 1.5
+        turn |= undecided & np.where(flat, dom < 0, vol < 0)
+    if not turn.any():
+        return flip
+    return flip ^ turn[lab]
 
 
 def _bfs_parity(n: int, ea: np.ndarray, eb: np.ndarray, size: np.ndarray) -> np.ndarray:
@@ -620,7 +682,7 @@ def _triangles(quads: np.ndarray, split1: np.ndarray, flip: Optional[np.ndarray]
 def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.ndarray,
                 split_weight: Optional[np.ndarray] = None, *, resolution: int, aabb: Any = DEFAULT_AABB,
                 orient: bool = True, remove_unused: bool = True, official: bool = False,
-                nosplit_rule: str = "normal"):
+                nosplit_rule: str = "normal", sides: Optional[np.ndarray] = None):
     """Shape O-Voxel -> mesh ``(vertices float32 [V, 3], faces int32 [F, 3])``.
 
     For every voxel (row order) and axis x, y, z (in that order) whose flag is set, the quad of the
@@ -643,6 +705,10 @@ def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
             unchanged; only the winding of some quads is reversed (a reversed split-1 quad is
             ``[q0,q2,q1],[q0,q3,q2]``, split 2 ``[q0,q3,q1],[q3,q2,q1]``). ``False`` keeps the official
             winding (every quad faces -axis).
+        sides: the encoder's stored source side per voxel and axis (:attr:`OVoxel.sides`); open
+            sheets then keep the side the source had (:func:`orient_open_sheets`; without it the
+            documented centroid / dominant-axis rule applies). Closed components always face outward
+            and cavities inward (ray parity), whatever the source winding.
         remove_unused: drop vertices no face uses (kept vertices stay in row order).
         official: exactly the official output: shorthand for ``orient=False, remove_unused=False,
             nosplit_rule="official"`` (reproduces golden ``fdg_mesh_sphere`` / ``shape_decoder``).
@@ -671,7 +737,13 @@ def decode_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
         # bound a closed surface and the ray parity is globally consistent. Otherwise (open surfaces,
         # double-crossing artefacts, intersecting parts) make the windings agree across manifold edges.
         if not faces_even:
-            flip = make_winding_consistent(quads, flip, c.shape[0], q_axes)
+            q_sides = None
+            if sides is not None:
+                sd = np.asarray(sides, dtype=np.int8).reshape(-1, 3)
+                if sd.shape[0] != c.shape[0]:
+                    raise OVoxelError(f"sides must have shape ({c.shape[0]}, 3), got {sd.shape}")
+                q_sides = sd[quads[:, 0], q_axes]
+            flip = make_winding_consistent(quads, flip, c.shape[0], q_axes, verts, q_sides)
     remap = None
     if remove_unused:
         if L == int(np.count_nonzero(fl)):
@@ -718,5 +790,6 @@ def flexible_dual_grid_to_mesh(coords: np.ndarray, dual_vertices: np.ndarray, in
 
 def decode_ovoxel(ov, **kwargs):
     """:func:`decode_mesh` on an :class:`OVoxel` (uses its coords, dual vertices, flags, γ, R, AABB)."""
+    kwargs.setdefault("sides", getattr(ov, "sides", None))
     return decode_mesh(ov.coords, ov.dual_vertices, ov.intersected, ov.split_weight,
                        resolution=ov.resolution, aabb=ov.aabb, **kwargs)

@@ -657,7 +657,8 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     Returns:
         :class:`OVoxel` with ``dual_vertices`` float32 voxel-local offsets in ``[0, 1]`` (the QEF
         solution, constrained to the voxel), ``intersected`` bool flags, ``split_weight=None``,
-        ``attrs=None``, and ``meta["encode_stats"]`` (dropped faces, crossings, constrained solves,
+        ``attrs=None``, ``sides`` (int8 ``[N, 3]``: the side the source surface faces at each flagged
+        edge, see :class:`OVoxel`), and ``meta["encode_stats"]`` (dropped faces, crossings, constrained solves,
         stage timings). An empty or fully degenerate mesh gives an O-Voxel with 0 voxels (not an error).
 
     Differences from the official encoder (documented improvements): non-finite vertices, zero-area
@@ -704,6 +705,7 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     U = P if iso else P * kscale
     T0, T1, T2 = P[f[:, 0]], P[f[:, 1]], P[f[:, 2]]
     qT = _face_quadrics(T0, T1, T2, kscale, iso)  # [10, F]
+    nsign = np.sign(_cross_rows(T1 - T0, T2 - T0)).astype(np.int8)  # side of every face along x, y, z
     use_face = face_weight > 0
     lam_b = float(boundary_weight)
     lam_r = float(regularization_weight)
@@ -831,7 +833,12 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         table[uk] = np.arange(nv, dtype=np.int32)
         inc_v = table[inc_key].astype(np.int64)
         flags = np.zeros((nv, 3), bool)
-        flags[inc_v[:n_own], c_ax[inc_c[:n_own]]] = True
+        own_ax = c_ax[inc_c[:n_own]].astype(np.int64)
+        flags[inc_v[:n_own], own_ax] = True
+        # source side of each flagged edge: sum of the crossing faces' normal signs along the edge
+        own_side = nsign[sel[c_tl[inc_c[:n_own]]], own_ax]
+        sides = np.sign(np.bincount(inc_v[:n_own] * 3 + own_ax, own_side.astype(np.float64),
+                                    minlength=3 * nv)).astype(np.int8).reshape(nv, 3)
         tick("voxels")
         # counts and point sums (QEF space)
         cnt = np.bincount(inc_v, minlength=nv).astype(np.float64)
@@ -911,7 +918,7 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
         table[inc_key] = -1
         tick("solve")
         return (cvox.astype(np.int32), np.clip(local, 0.0, 1.0).astype(np.float32), flags, n_own,
-                int(cons.sum()), stimes)
+                int(cons.sum()), stimes, sides)
 
     workers = _encode_workers(threads, nslab, est, max_memory - est_bytes)
     stats["threads"] = workers
@@ -939,15 +946,16 @@ def encode_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb:
     coords = np.concatenate(out_c)
     dual = np.concatenate(out_d)
     flags = np.concatenate(out_f)
+    sides = np.concatenate([r[6] for r in results])
     if order == "morton" and coords.shape[0]:
         from .grid import morton_encode
 
         perm = np.argsort(morton_encode(coords), kind="stable")
-        coords, dual, flags = coords[perm], dual[perm], flags[perm]
+        coords, dual, flags, sides = coords[perm], dual[perm], flags[perm], sides[perm]
     tick("output")
     stats.update(crossings=n_cross, voxels=int(coords.shape[0]), constrained=n_cons, timing=timing)
     return OVoxel(resolution=R, aabb=box, coords=coords, dual_vertices=dual, intersected=flags,
-                  meta={"encode_stats": stats})
+                  sides=sides, meta={"encode_stats": stats})
 
 
 def _pair_key_space(lo: np.ndarray, hi: np.ndarray, x0: int, x1: int):
@@ -1058,7 +1066,8 @@ def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = 
     """:class:`MeshData` -> O-Voxel with geometry and (when ``pbr``) the 6 PBR channels in ``attrs``.
 
     ``normalize=True`` first applies :func:`normalize_vertices` (the official asset normalisation);
-    the centre/scale used are stored in ``meta["normalization"]`` as ``{"center", "scale"}``.
+    the centre/scale used are stored in ``meta["normalization"]`` as ``{"center", "scale"}``, and the
+    source's up axis (``mesh.meta["up_axis"]``, "Y" for glTF) in ``meta["up_axis"]``.
     Extra keyword arguments go to :func:`encode_shape`.
     """
     verts = mesh.vertices
@@ -1071,10 +1080,16 @@ def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = 
     ov = encode_shape(verts, mesh.faces, resolution, aabb, **kwargs)
     if norm is not None:
         ov.meta["normalization"] = norm
+    if mesh.meta.get("up_axis"):
+        ov.meta["up_axis"] = str(mesh.meta["up_axis"])
     if pbr and ov.num_voxels:
+        import time as _time
+
         from .pbr import voxelize_pbr
 
+        t0 = _time.perf_counter()
         ov.attrs = voxelize_pbr(mesh, ov.coords, resolution, aabb)
+        ov.meta.setdefault("encode_stats", {}).setdefault("timing", {})["pbr"] = _time.perf_counter() - t0
     return ov
 
 

@@ -18,14 +18,20 @@ from ._types import FORMAT_VERSION, OVoxel, OVoxelError, as_aabb, check_resoluti
 MAGIC = "trellis2.ovoxel"
 
 
-def save_npz(path: "str | os.PathLike", ov: OVoxel, *, quantize: bool = False, compress: bool = True) -> None:
-    """Write ``ov`` as a versioned ``.npz`` (``np.savez_compressed`` unless ``compress=False``).
+def save_npz(path: "str | os.PathLike", ov: OVoxel, *, quantize: bool = False, compress: "bool | int" = True) -> None:
+    """Write ``ov`` as a versioned ``.npz`` (a zip of ``.npy`` members, readable by ``np.load``).
+
+    ``compress``: ``True`` (default) = deflate level 1, except float32 dual vertices, which are
+    stored (QEF floats barely compress: 25 % smaller for 70 % of the write time; sphere at R=1024:
+    0.7 s / 73 MB instead of 4.1 s / 56 MB with ``np.savez_compressed``); an int 1-9 = that deflate
+    level for every array; ``False`` / 0 = everything stored uncompressed.
 
     Keys: ``format`` = "trellis2.ovoxel", ``format_version`` (:data:`FORMAT_VERSION`), ``resolution``,
     ``aabb`` float64 [2, 3], ``coord`` uint16 (int32 when R > 65536) [N, 3] (official key name),
     ``intersected`` uint8 [N, 1] (packed bits x | y<<1 | z<<2, official), ``vertices`` (dual vertices:
     float32 [N, 3], or the official uint8 ``floor(u*255)`` when ``quantize``), optional ``split_weight``
     float32 [N, 1], optional ``attrs`` (float32 [N, C], or uint8 ``round(x*255)`` when ``quantize``),
+    optional ``sides`` int8 [N, 3] (source side of each flagged edge; ours, official readers ignore it),
     ``meta_json`` (JSON text of ``ov.meta``). Rows are written in the OVoxel's order.
     """
     ov.validate()
@@ -41,21 +47,36 @@ def save_npz(path: "str | os.PathLike", ov: OVoxel, *, quantize: bool = False, c
     if quantize:
         arrays["vertices"] = quantize_dual_vertices(ov.dual_vertices)
     else:
-        arrays["vertices"] = ov.dual_vertices.astype(np.float32)
+        arrays["vertices"] = np.asarray(ov.dual_vertices, np.float32)
     if ov.split_weight is not None:
         arrays["split_weight"] = ov.split_weight.astype(np.float32)
+    if ov.sides is not None:
+        arrays["sides"] = np.asarray(ov.sides, np.int8)
     if ov.attrs is not None:
         if quantize:
             arrays["attrs"] = np.clip(np.rint(ov.attrs * 255.0), 0, 255).astype(np.uint8)
         else:
-            arrays["attrs"] = ov.attrs.astype(np.float32)
+            arrays["attrs"] = np.asarray(ov.attrs, np.float32)
     try:
         arrays["meta_json"] = np.array(json.dumps(ov.meta, default=_json_default))
     except (TypeError, ValueError):
         arrays["meta_json"] = np.array("{}")
+    level = 1 if compress is True else int(compress or 0)
+    if not 0 <= level <= 9:
+        raise OVoxelError(f"compress must be a bool or a deflate level 0-9, got {compress!r}")
     p = os.fspath(path)
-    with open(p, "wb") as fh:
-        (np.savez_compressed if compress else np.savez)(fh, **arrays)
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED if level else zipfile.ZIP_STORED,
+                         compresslevel=level or None) as zf:
+        for key, arr in arrays.items():
+            arr = np.asanyarray(arr)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            store = level == 0 or (compress is True and key == "vertices" and arr.dtype == np.float32)
+            info.compress_type = zipfile.ZIP_STORED if store else zipfile.ZIP_DEFLATED
+            # per-member level: ZipInfo.compress_level (Python 3.13+) / ZipInfo._compresslevel (3.11, 3.12)
+            setattr(info, "compress_level" if hasattr(zipfile.ZipInfo, "compress_level") else "_compresslevel",
+                    None if store else level)
+            with zf.open(info, "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, arr, allow_pickle=False)
 
 
 def _json_default(o):
@@ -111,6 +132,9 @@ def load_npz(path: "str | os.PathLike") -> OVoxel:
         else:
             raise OVoxelError(f"{p}: intersected must be [{n}, 1] uint8 or [{n}, 3] bool, got {inter.shape}")
         sw = z["split_weight"].astype(np.float32) if "split_weight" in keys else None
+        sides = z["sides"].astype(np.int8) if "sides" in keys else None
+        if sides is not None and sides.shape != (n, 3):
+            raise OVoxelError(f"{p}: sides must be [{n}, 3], got {sides.shape}")
         attrs = None
         if "attrs" in keys:
             a = z["attrs"]
@@ -122,7 +146,7 @@ def load_npz(path: "str | os.PathLike") -> OVoxel:
             except ValueError:
                 meta = {}
     ov = OVoxel(resolution=R, aabb=aabb, coords=coords, dual_vertices=dual, intersected=flags,
-                split_weight=sw, attrs=attrs, meta=meta)
+                split_weight=sw, attrs=attrs, meta=meta, sides=sides)
     try:
         ov.validate()
     except OVoxelError as e:

@@ -20,6 +20,11 @@ def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(c, 1 / 2.4) - 0.055)
 
 
+def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    c = np.clip(c, 0.0, 1.0)
+    return np.where(c <= 0.04045, c / 12.92, np.power((c + 0.055) / 1.055, 2.4))
+
+
 def _mip_chain(tex) -> list:
     """float32 [H, W, C] levels in [0, 1] (2x2 box filter; odd sizes replicate the last row/column)."""
     cache = getattr(tex, "_mip_cache", None)
@@ -128,17 +133,21 @@ def material_values(mat, uv: Optional[np.ndarray], color: Optional[np.ndarray], 
     if mat is None:
         out[:] = DEFAULT_ATTRS
         if color is not None:
-            out[:, :3] *= _linear_to_srgb(color[:, :3]).astype(np.float32)
+            out[:, :3] = _linear_to_srgb(_srgb_to_linear(DEFAULT_ATTRS[:3]) * color[:, :3])
         return out
+    # glTF: factor and COLOR_0 are linear, the texture is sRGB-encoded; multiply in linear, store sRGB
     f = mat.base_color_factor.astype(np.float32)
     base = np.broadcast_to(f, (n, 4)).copy()
     if mat.base_color_texture is not None and uv is not None:
         t = mat.base_color_texture
-        base *= _rgba(sample_texture(t, uv, None if texels is None else texels * np.sqrt(t.image.shape[0] * t.image.shape[1]),
-                                     mipmap))
+        tv = _rgba(sample_texture(t, uv, None if texels is None else texels * np.sqrt(t.image.shape[0] * t.image.shape[1]),
+                                  mipmap))
+        base[:, :3] *= _srgb_to_linear(tv[:, :3])
+        base[:, 3] *= tv[:, 3]
     if color is not None:
-        base[:, :3] *= _linear_to_srgb(color[:, :3]).astype(np.float32)
+        base[:, :3] *= color[:, :3]
         base[:, 3] *= color[:, 3]
+    base[:, :3] = _linear_to_srgb(base[:, :3])
     out[:, :3] = base[:, :3]
     met = np.full(n, mat.metallic_factor, np.float32)
     rough = np.full(n, mat.roughness_factor, np.float32)
@@ -176,11 +185,17 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
     weight ``1 - d`` with d in world units is ~1).
     Sampling: bilinear, half-texel centres, wrap modes, trilinear mip-mapping with level
     ``log2(texels per voxel)`` (any texture size; no power-of-two requirement).
-    Channels: base = texture RGB/255 × baseColorFactor × vertex colour (linear ``COLOR_0`` converted to
-    sRGB encoding) — sRGB-encoded, no linearisation, as official; metallic = MR.B × metallicFactor;
+    Channels: base = sRGB encoding of (linearised texture RGB × baseColorFactor × vertex colour), i.e.
+    the glTF product taken in linear space and stored sRGB-encoded like the official texture bytes
+    (the official toolkit multiplies the sRGB bytes by the linear factor, which darkens factors:
+    0.604 linear would be stored as 0.604 sRGB = 0.323 linear; with factor 1 both agree); metallic = MR.B × metallicFactor;
     roughness = MR.G × roughnessFactor; alpha = base A × factor A × vertex A for MASK
     (then ``< cutoff -> 0 else 1``) and BLEND, 1 for OPAQUE. Faces without a material get the data
     toolkit's default (0.8 grey, metallic 0, roughness 0.5, opaque).
+
+    Meshes whose faces sample nothing per point (factors only, no vertex colours) skip the per-pair
+    barycentric work; with a single such material every voxel simply gets its values (unless
+    ``return_mask`` asks which voxels a triangle touches).
 
     ``mesh.vertices`` must be in the same frame as ``aabb``. Voxels that no triangle touches get
     the mean of their touched 26-neighbours (repeated twice), else the default material;
@@ -194,12 +209,22 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
     N = c.shape[0]
     attrs = np.zeros((N, ATTR_CHANNELS), np.float64)
     count = np.zeros(N, np.float64)
+    const = _constant_material_values(mesh) if N and mesh.num_faces else None
+    if const is not None and const[0].shape[0] == 1 and not return_mask:
+        # one material, nothing sampled per point: every voxel gets its values (no pair work at all)
+        return np.tile(const[0], (N, 1))
     if N and mesh.num_faces:
         fi, vox = triangle_voxel_pairs(mesh.vertices, mesh.faces, R, box)
         rows = VoxelIndex(c, R).lookup(vox)
         ok = rows >= 0
         fi, vox, rows = fi[ok], vox[ok], rows[ok]
-        if fi.shape[0]:
+        if fi.shape[0] and const is not None:
+            # per-face constants (factors only): average the faces' values, no barycentrics
+            vals = const[0][const[1][fi]]
+            for ch in range(ATTR_CHANNELS):
+                attrs[:, ch] = np.bincount(rows, vals[:, ch], minlength=N)
+            count = np.bincount(rows, minlength=N).astype(np.float64)
+        elif fi.shape[0]:
             s = (box[1] - box[0]) / R
             V = mesh.vertices.astype(np.float64)
             F = mesh.faces.astype(np.int64)
@@ -260,6 +285,21 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
     return (out, touched) if return_mask else out
 
 
+def _constant_material_values(mesh):
+    """``(values [M, 6], slot of every face [F])`` when no face samples anything per point (no vertex
+    colours; no texture, or no UVs to sample it with), else None."""
+    if mesh.vertex_colors is not None:
+        return None
+    mof = mesh.material_of_faces()
+    used = np.unique(mof)
+    mats = [mesh.materials[m] if m >= 0 else None for m in used]
+    if mesh.uvs is not None and any(m is not None and (m.base_color_texture is not None
+                                                         or m.metallic_roughness_texture is not None) for m in mats):
+        return None
+    vals = np.concatenate([material_values(m, None, None, None, 1) for m in mats])
+    return vals, np.searchsorted(used, mof)
+
+
 def _fill_untouched(c: np.ndarray, R: int, attrs: np.ndarray, touched: np.ndarray, rounds: int = 2) -> None:
     index = VoxelIndex(c, R)
     have = touched.copy()
@@ -287,14 +327,16 @@ def _fill_untouched(c: np.ndarray, R: int, attrs: np.ndarray, touched: np.ndarra
 # sparse trilinear sampling
 # ----------------------------------------------------------------------------------------------
 def sample_attributes(coords: np.ndarray, attrs: np.ndarray, resolution: int, aabb: Any,
-                      points: np.ndarray) -> np.ndarray:
+                      points: np.ndarray, fallback: str = "zero") -> np.ndarray:
     """Sparse trilinear sampling at world ``points [P, 3]`` -> ``[P, C]`` float32 (official ``grid_sample_3d``).
 
     Voxel values sit at centres ``aabb[0] + (coords + 0.5) * s``. For each point the 8 surrounding
     voxel centres are weighted trilinearly; **only existing voxels count and the weights are
-    renormalised** over them; points with no existing neighbour (or zero total weight) get 0.
+    renormalised** over them; points with no existing neighbour (or zero total weight) get 0
+    (``fallback="zero"``, official) or the value of the nearest present voxel (``"nearest"``: what
+    meshes get, so a hole-filling vertex outside every voxel never gets invented zero attributes).
     """
-    return AttributeSampler(coords, attrs, resolution, aabb).sample(points)
+    return AttributeSampler(coords, attrs, resolution, aabb).sample(points, fallback=fallback)
 
 
 class AttributeSampler:
@@ -313,16 +355,50 @@ class AttributeSampler:
         self.index = VoxelIndex(self.coords, R)
         self.voxel_size = (self.aabb[1] - self.aabb[0]) / R
 
-    def sample(self, points: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
-        """``[P, C]`` float32 samples at world ``points [P, 3]`` (processed in chunks of ``chunk``)."""
+    def sample(self, points: np.ndarray, chunk: int = 1 << 20, fallback: str = "zero") -> np.ndarray:
+        """``[P, C]`` float32 samples at world ``points [P, 3]`` (processed in chunks of ``chunk``);
+        ``fallback`` as in :func:`sample_attributes`."""
+        if fallback not in ("zero", "nearest"):
+            raise OVoxelError(f"fallback must be 'zero' or 'nearest', got {fallback!r}")
         p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
         C = self.attrs.shape[1]
         out = np.zeros((p.shape[0], C), np.float32)
         for a in range(0, p.shape[0], chunk):
-            out[a:a + chunk] = self._sample(p[a:a + chunk])
+            out[a:a + chunk] = self._sample(p[a:a + chunk], fallback == "nearest")
         return out
 
-    def _sample(self, p: np.ndarray) -> np.ndarray:
+    def nearest_rows(self, p: np.ndarray, radius: int = 3) -> np.ndarray:
+        """Row of the nearest present voxel (by centre distance) for each world point ``p [P, 3]``;
+        -1 only when there are no voxels. Searches the cells around each point out to ``radius``
+        (nearest offsets first), then every voxel for points still without one."""
+        n = p.shape[0]
+        rows = np.full(n, -1, np.int64)
+        if n == 0 or self.coords.shape[0] == 0:
+            return rows
+        g = (np.nan_to_num(p) - self.aabb[0]) / self.voxel_size - 0.5
+        base = np.rint(g).astype(np.int64)
+        r = np.arange(-radius, radius + 1)
+        offs = np.stack(np.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+        offs = offs[np.argsort((offs * offs).sum(1), kind="stable")]
+        R = self.resolution
+        todo = np.arange(n)
+        for o in offs:
+            q = base[todo] + o
+            inside = ((q >= 0) & (q < R)).all(1)
+            got = np.full(todo.shape[0], -1, np.int64)
+            ii = np.flatnonzero(inside)
+            got[ii] = self.index.lookup_inside(q[ii, 0], q[ii, 1], q[ii, 2])
+            hit = got >= 0
+            rows[todo[hit]] = got[hit]
+            todo = todo[~hit]
+            if todo.shape[0] == 0:
+                return rows
+        centres = self.coords.astype(np.float64)
+        for t in todo:  # far from every voxel (rare): exact search over all centres, one point at a time
+            rows[t] = int(np.argmin(((centres - g[t]) ** 2).sum(1)))
+        return rows
+
+    def _sample(self, p: np.ndarray, nearest: bool = False) -> np.ndarray:
         g = (p - self.aabb[0]) / self.voxel_size - 0.5
         fin = np.isfinite(g).all(1)
         g = np.where(fin[:, None], g, -10.0)
@@ -333,22 +409,39 @@ class AttributeSampler:
         acc = np.zeros((n, self.attrs.shape[1]), np.float64)
         wsum = np.zeros(n, np.float64)
         R = self.resolution
+        # per-axis corner coordinates, in-grid masks and weights (computed once, not per corner)
+        ax = [(b[:, d], b[:, d] + 1) for d in range(3)]
+        inn = [tuple((c >= 0) & (c < R) for c in pair) for pair in ax]
+        wts = [(1 - fr[:, d], fr[:, d]) for d in range(3)]
         for dx in (0, 1):
-            wx = fr[:, 0] if dx else 1 - fr[:, 0]
             for dy in (0, 1):
-                wy = fr[:, 1] if dy else 1 - fr[:, 1]
+                wxy = wts[0][dx] * wts[1][dy]
+                in_xy = inn[0][dx] & inn[1][dy]
                 for dz in (0, 1):
-                    wz = fr[:, 2] if dz else 1 - fr[:, 2]
-                    q = b + (dx, dy, dz)
-                    inside = ((q >= 0) & (q < R)).all(1)
-                    idx = np.full(n, -1, np.int64)
-                    ii = np.flatnonzero(inside)
-                    idx[ii] = self.index.lookup_inside(q[ii, 0], q[ii, 1], q[ii, 2])
-                    ok = np.flatnonzero(idx >= 0)
-                    w = (wx * wy * wz)[ok]
-                    acc[ok] += w[:, None] * self.attrs[idx[ok]]
-                    wsum[ok] += w
+                    x, y, z = ax[0][dx], ax[1][dy], ax[2][dz]
+                    inside = in_xy & inn[2][dz]
+                    if inside.all():
+                        idx = self.index.lookup_inside(x, y, z)
+                    else:
+                        idx = np.full(n, -1, np.int64)
+                        ii = np.flatnonzero(inside)
+                        idx[ii] = self.index.lookup_inside(x[ii], y[ii], z[ii])
+                    w = wxy * wts[2][dz]
+                    hit = idx >= 0
+                    if hit.all():
+                        acc += w[:, None] * self.attrs[idx]
+                        wsum += w
+                    else:
+                        ok = np.flatnonzero(hit)
+                        w = w[ok]
+                        acc[ok] += w[:, None] * self.attrs[idx[ok]]
+                        wsum[ok] += w
         good = wsum > 0
         acc[good] /= wsum[good, None]
         acc[~good] = 0.0
+        if nearest and not good.all():
+            miss = np.flatnonzero(~good)
+            nr = self.nearest_rows(p[miss])
+            ok = nr >= 0
+            acc[miss[ok]] = self.attrs[nr[ok]]
         return acc.astype(np.float32)
