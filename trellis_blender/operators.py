@@ -31,7 +31,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from . import cutout, jobs, materials, mesh_import, runtime, texture_objects
+from . import cutout, jobs, materials, mesh_import, runtime, texture_objects, views
 from .preferences import cache_dir, get_prefs
 from .properties import PIPELINES
 
@@ -306,7 +306,11 @@ def apply_generate(context, rec: jobs.JobRecord) -> "bpy.types.Object":
         material_mode="VERTEX" if bake else mode, save_dir=_texture_dir(rec))
     if meta.get("resolution"):
         obj["trellis2_resolution"] = int(meta["resolution"])
-    cutout.apply_result(context, arrays, dict((rec.result or {}).get("meta") or {}))
+    rmeta = dict((rec.result or {}).get("meta") or {})
+    cutout.apply_result(context, arrays, rmeta)
+    if rmeta.get("guide"):   # a blockout-guided result sits on its blockout
+        views.place_on_guide(obj, rmeta["guide"], bpy.data.objects.get(rec.extra.get("blockout", "")),
+                             rec.extra.get("placement", "REPLACE"))
     if bake:  # the backend sent voxel attributes only: bake them into textures here
         res = int(meta.get("resolution") or (int(np.asarray(arrays["coords"]).max()) + 1))
         size = int(rec.request.get("texture_size") or settings.texture_size)
@@ -455,6 +459,18 @@ class TRELLIS_OT_generate(_JobOperator, bpy.types.Operator):
                        output="textures" if settings.material_mode == "TEXTURES" else "vertex_attrs")
         name = bpy.path.display_name_from_filepath(image) or "TRELLIS"
         extra = {"image_hash": jobs.file_hash(image), "name": name, "material_mode": settings.material_mode}
+        try:
+            more = [image_to_file(img) for img in views.view_images(settings)]
+        except ValueError as exc:
+            return self.fail(context, str(exc))
+        if more:
+            request.update(images=[image, *more], multiview=settings.multiview.lower())
+        if settings.use_blockout:
+            fields, arrays, problem = views.guide_request(context, settings)
+            if problem:
+                return self.fail(context, problem)
+            request.update(fields, arrays=arrays)
+            extra.update(blockout=context.active_object.name, placement=settings.blockout_placement)
         try:
             rec = self.submit(context, "generate", request, extra)
         except Exception as exc:

@@ -40,6 +40,12 @@ TEXTURE_SLOT_MODES = (
 TEXTURE_SIZES = tuple((str(s), f"{s} px", f"{s}×{s} textures") for s in (512, 1024, 2048, 4096))
 
 
+class TRELLIS_PG_view(bpy.types.PropertyGroup):
+    """One extra view of the object (multi-view generation)."""
+
+    image: PointerProperty(name="Image", type=bpy.types.Image, description="Another view of the same object")
+
+
 class TRELLIS_PG_settings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Image", type=bpy.types.Image, description="Input image (a Blender image)")
     background: EnumProperty(
@@ -68,6 +74,23 @@ class TRELLIS_PG_settings(bpy.types.PropertyGroup):
     decimation_target: IntProperty(name="Max Faces", default=500_000, min=1_000, max=20_000_000,
                                    description="Decimate the generated mesh to at most this many faces")
     texture_size: EnumProperty(name="Texture Size", items=TEXTURE_SIZES, default="2048")
+    views: CollectionProperty(type=TRELLIS_PG_view, name="Extra Views",
+                              description="More images of the same object (side, back…) that condition the generation too")
+    views_index: IntProperty(name="Active View", default=0)
+    multiview: EnumProperty(name="Combine Views", default="STOCHASTIC", items=(
+        ("STOCHASTIC", "Stochastic", "Each sampler step looks at one view, cycling through them (fast)"),
+        ("MULTIDIFFUSION", "Multidiffusion", "Every step averages all views (slower: one pass per view)")))
+    use_blockout: BoolProperty(
+        name="Use Selected Mesh as Blockout", default=False,
+        description="The active mesh decides the rough shape (proportions, silhouette); the image adds detail and "
+                    "materials. The result is placed on the blockout")
+    blockout_strength: FloatProperty(
+        name="Strength", default=1.0, min=0.05, max=1.0, subtype="FACTOR",
+        description="1: the blockout is the structure exactly; lower: the model may depart from it (needs the "
+                    "TRELLIS v1 sparse-structure encoder)")
+    blockout_placement: EnumProperty(name="Result", default="REPLACE", items=(
+        ("REPLACE", "Replace", "Put the result where the blockout is and hide the blockout (it is kept)"),
+        ("BESIDE", "Beside", "Put the result next to the blockout")))
 
 
 class TRELLIS_PG_history_item(bpy.types.PropertyGroup):
@@ -108,7 +131,7 @@ class TRELLIS_PG_state(bpy.types.PropertyGroup):
     show_history: BoolProperty(name="History", default=False)
 
 
-CLASSES = (TRELLIS_PG_settings, TRELLIS_PG_history_item, TRELLIS_PG_state)
+CLASSES = (TRELLIS_PG_view, TRELLIS_PG_settings, TRELLIS_PG_history_item, TRELLIS_PG_state)
 
 
 def register() -> None:

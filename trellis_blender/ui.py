@@ -105,6 +105,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
         if settings.image is not None:
             col.template_icon(icon_value=layout.icon(settings.image), scale=6.0)
         _draw_background(col, context, settings)
+        _draw_views_and_blockout(layout, context, settings)
 
         # Settings
         col = layout.column()
@@ -208,6 +209,36 @@ class TRELLIS_MT_object(bpy.types.Menu):
 def draw_object_menu(self, context):
     self.layout.separator()
     self.layout.menu("TRELLIS_MT_object")
+
+
+def _draw_views_and_blockout(layout, context, settings) -> None:
+    """Extra views (multi-view generation) and the blockout option."""
+    header, body = layout.panel("trellis_views", default_closed=True)
+    n = sum(v.image is not None for v in settings.views)
+    header.label(text=f"Extra Views ({n})" if n else "Extra Views")
+    if body is not None:
+        row = body.row()
+        row.template_list("TRELLIS_UL_views", "", settings, "views", settings, "views_index", rows=3)
+        col = row.column(align=True)
+        col.operator("trellis.view_add", text="", icon="ADD")
+        col.operator("trellis.view_edit", text="", icon="REMOVE").action = "REMOVE"
+        col.separator()
+        col.operator("trellis.view_edit", text="", icon="TRIA_UP").action = "UP"
+        col.operator("trellis.view_edit", text="", icon="TRIA_DOWN").action = "DOWN"
+        if n:
+            body.prop(settings, "multiview")
+    header, body = layout.panel("trellis_blockout", default_closed=True)
+    header.prop(settings, "use_blockout", text="")
+    header.label(text="Blockout")
+    if body is not None:
+        body.active = settings.use_blockout
+        body.prop(settings, "blockout_strength")
+        body.prop(settings, "blockout_placement", expand=True)
+        obj = context.active_object
+        if settings.use_blockout and (obj is None or obj.type != "MESH"):
+            body.label(text="Make the blockout mesh the active object", icon="ERROR")
+        elif settings.use_blockout:
+            body.label(text=f"Blockout: {obj.name}", icon="MESH_CUBE")
 
 
 def _draw_texture_selected(layout, context, settings) -> None:

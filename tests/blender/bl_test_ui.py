@@ -49,7 +49,7 @@ def test_main_panel_draws_in_every_state(addon, clean_scene):
         assert any("Preferences" in t for t in layout.texts())
         assert "Pick an input image first" in layout.texts()
         nested = [c for c in layout.calls if c["fn"] == "panel"]
-        assert len(nested) == 3, "sampling, output and texture-selected sub-panels (layout.panel)"
+        assert len(nested) == 5, "views, blockout, sampling, output and texture-selected sub-panels (layout.panel)"
 
         # with an image, a running job, an error
         img = bpy.data.images.new("in", 8, 8)
