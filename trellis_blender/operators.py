@@ -383,6 +383,27 @@ class _JobOperator:
         sync_state(context.window_manager)
         return rec
 
+    def input_image(self, context) -> Optional[str]:
+        """The job's input image file (operator ``filepath`` or the panel's image) once the backend is set up;
+        None after reporting why not."""
+        problem = check_backend_configured(context)
+        if problem:
+            self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
+            return None
+        try:
+            return resolve_image(context, self.filepath)
+        except ValueError as exc:
+            self.fail(context, str(exc))
+            return None
+
+    def run_jobs(self, context, kind: str, jobs_: list[tuple[dict, dict]]) -> set:
+        """Submit ``(request, extra)`` jobs of one kind, then :meth:`finish`."""
+        try:
+            recs = [self.submit(context, kind, request, extra) for request, extra in jobs_]
+        except Exception as exc:
+            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
+        return self.finish(context, recs)
+
     def finish(self, context, recs: list) -> set:
         """Background: wait for the jobs and apply them here (one undo step). UI: start polling."""
         if not bpy.app.background:
@@ -438,13 +459,9 @@ class TRELLIS_OT_generate(_JobOperator, bpy.types.Operator):
 
     def execute(self, context):
         settings = context.scene.trellis2
-        problem = check_backend_configured(context)
-        if problem:
-            return self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
-        try:
-            image = resolve_image(context, self.filepath)
-        except ValueError as exc:
-            return self.fail(context, str(exc))
+        image = self.input_image(context)
+        if image is None:
+            return {"CANCELLED"}
         pipeline = self.pipeline if self.properties.is_property_set("pipeline") else settings.pipeline
         if self.properties.is_property_set("seed"):
             seed = self.seed
@@ -471,11 +488,7 @@ class TRELLIS_OT_generate(_JobOperator, bpy.types.Operator):
                 return self.fail(context, problem)
             request.update(fields, arrays=arrays)
             extra.update(blockout=context.active_object.name, placement=settings.blockout_placement)
-        try:
-            rec = self.submit(context, "generate", request, extra)
-        except Exception as exc:
-            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
-        return self.finish(context, [rec])
+        return self.run_jobs(context, "generate", [(request, extra)])
 
 
 class TRELLIS_OT_preview_cutout(_JobOperator, bpy.types.Operator):
@@ -493,20 +506,11 @@ class TRELLIS_OT_preview_cutout(_JobOperator, bpy.types.Operator):
         return _poll_common(cls, context)
 
     def execute(self, context):
-        settings = context.scene.trellis2
-        problem = check_backend_configured(context)
-        if problem:
-            return self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
-        try:
-            image = resolve_image(context, self.filepath)
-        except ValueError as exc:
-            return self.fail(context, str(exc))
-        request = dict(_common_request(context), image=image, background=settings.background.lower())
-        try:
-            rec = self.submit(context, "cutout", request, {"name": bpy.path.display_name_from_filepath(image)})
-        except Exception as exc:
-            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
-        return self.finish(context, [rec])
+        image = self.input_image(context)
+        if image is None:
+            return {"CANCELLED"}
+        request = dict(_common_request(context), image=image, background=context.scene.trellis2.background.lower())
+        return self.run_jobs(context, "cutout", [(request, {"name": bpy.path.display_name_from_filepath(image)})])
 
 
 class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
@@ -542,13 +546,9 @@ class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
             return self.fail(context, f"{empty[0]!r} has no faces to texture")
         if context.mode != "OBJECT":
             return self.fail(context, "Switch to Object Mode first")
-        problem = check_backend_configured(context)
-        if problem:
-            return self.fail(context, problem, jobs.ERROR_HINTS["not_configured"])
-        try:
-            image = resolve_image(context, self.filepath)
-        except ValueError as exc:
-            return self.fail(context, str(exc))
+        image = self.input_image(context)
+        if image is None:
+            return {"CANCELLED"}
         size = self.texture_size if self.properties.is_property_set("texture_size") else int(settings.texture_size)
         seed = self.seed if self.properties.is_property_set("seed") else settings.seed
         depsgraph = context.evaluated_depsgraph_get()
@@ -561,16 +561,10 @@ class TRELLIS_OT_texture_selected(_JobOperator, bpy.types.Operator):
                 self.report({"INFO"}, line)
         except ValueError as exc:
             return self.fail(context, str(exc))
-        recs = []
-        try:
-            for arrays, extra in payloads:
-                req = dict(_common_request(context), image=image, seed=int(seed), texture_size=int(size),
-                           resolution=int(settings.texture_resolution), stage_params=stage_params(settings),
-                           background=settings.background.lower(), arrays=arrays)
-                recs.append(self.submit(context, "texture", req, extra))
-        except Exception as exc:
-            return self.fail(context, f"Cannot start the backend: {exc}", jobs.ERROR_HINTS["crashed"])
-        return self.finish(context, recs)
+        common = dict(_common_request(context), image=image, seed=int(seed), texture_size=int(size),
+                      resolution=int(settings.texture_resolution), stage_params=stage_params(settings),
+                      background=settings.background.lower())
+        return self.run_jobs(context, "texture", [(dict(common, arrays=arrays), extra) for arrays, extra in payloads])
 
 
 def upscale_problem(context) -> Optional[str]:
