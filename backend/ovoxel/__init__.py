@@ -97,9 +97,9 @@ from ._types import (
 )
 from .mesh import Material, MeshData, Texture
 from .grid import VoxelIndex, morton_decode, morton_encode
-from .encode import encode_mesh, encode_shape, normalize_vertices, prepare_mesh, triangle_voxel_pairs
+from .encode import encode_shape, normalize_vertices, prepare_mesh, triangle_voxel_pairs
 from .decode import decode_mesh, decode_ovoxel, flexible_dual_grid_to_mesh
-from .pbr import AttributeSampler, sample_attributes, voxelize_pbr
+from .pbr import AttributeSampler, encode_mesh, sample_attributes, voxelize_pbr
 from .io import load, load_npz, load_vxz, save, save_npz, save_vxz
 from .meshutil import fill_small_holes
 from .asset import (DecodedAsset, decode_asset, from_blender_frame, grid_points, source_up_axis, to_blender_frame,

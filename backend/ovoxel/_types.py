@@ -7,6 +7,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .errors import OVoxelError
+from .grid import flat_keys, morton_encode
+
 #: Default AABB of every TRELLIS.2 caller.
 DEFAULT_AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
 
@@ -21,10 +24,6 @@ ATTR_CHANNELS = 6
 
 #: Version of the ``.npz`` layout written by :func:`backend.ovoxel.save_npz`.
 FORMAT_VERSION = 1
-
-
-class OVoxelError(ValueError):
-    """Invalid input or a request the codec refuses (with a readable reason)."""
 
 
 def as_aabb(aabb: Any) -> np.ndarray:
@@ -153,7 +152,6 @@ class OVoxel:
             if not np.isfinite(self.attrs).all():
                 raise OVoxelError("attrs contain NaN/inf")
         if n:
-            from .grid import flat_keys
 
             k = np.sort(flat_keys(self.coords, R))
             if (k[1:] == k[:-1]).any():
@@ -171,7 +169,6 @@ class OVoxel:
 
     def sorted(self, order: str = "morton") -> "OVoxel":
         """Rows re-ordered: ``"morton"`` (z-order, x high bit) or ``"lex"`` (x, then y, then z)."""
-        from .grid import flat_keys, morton_encode
 
         if order == "morton":
             key = morton_encode(self.coords)

@@ -1061,38 +1061,6 @@ def _dedup_pairs(e_tl, e_v, e_pk, n_inc, big, total, use_face):
             np.concatenate(out_w).astype(np.float64))
 
 
-def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = True,
-                normalize: bool = False, **kwargs) -> OVoxel:
-    """:class:`MeshData` -> O-Voxel with geometry and (when ``pbr``) the 6 PBR channels in ``attrs``.
-
-    ``normalize=True`` first applies :func:`normalize_vertices` (the official asset normalisation);
-    the centre/scale used are stored in ``meta["normalization"]`` as ``{"center", "scale"}``, and the
-    source's up axis (``mesh.meta["up_axis"]``, "Y" for glTF) in ``meta["up_axis"]``.
-    Extra keyword arguments go to :func:`encode_shape`.
-    """
-    verts = mesh.vertices
-    norm = None
-    if normalize:
-        verts, center, scale = normalize_vertices(verts, aabb)
-        norm = {"center": [float(x) for x in center], "scale": float(scale)}
-        mesh = mesh.transformed(1.0, np.zeros(3))
-        mesh.vertices = verts
-    ov = encode_shape(verts, mesh.faces, resolution, aabb, **kwargs)
-    if norm is not None:
-        ov.meta["normalization"] = norm
-    if mesh.meta.get("up_axis"):
-        ov.meta["up_axis"] = str(mesh.meta["up_axis"])
-    if pbr and ov.num_voxels:
-        import time as _time
-
-        from .pbr import voxelize_pbr
-
-        t0 = _time.perf_counter()
-        ov.attrs = voxelize_pbr(mesh, ov.coords, resolution, aabb)
-        ov.meta.setdefault("encode_stats", {}).setdefault("timing", {})["pbr"] = _time.perf_counter() - t0
-    return ov
-
-
 def triangle_voxel_pairs(vertices: np.ndarray, faces: np.ndarray, resolution: int, aabb: Any = DEFAULT_AABB):
     """Unique (triangle, voxel) pairs of the scan-line: every voxel among the 4 around an edge crossing
     of the triangle (the official PBR voxeliser's per-triangle voxel set; same voxels as the encoder).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._types import OVoxelError
+from .errors import OVoxelError
 
 # Column tables (one int entry per (x, y) column) are used up to this many columns.
 _MAX_COLUMNS = 1 << 26

@@ -7,6 +7,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ._types import ATTR_CHANNELS, DEFAULT_AABB, OVoxelError, as_aabb, check_resolution
+from ._types import OVoxel
+from .encode import encode_shape, normalize_vertices, triangle_voxel_pairs
 from .grid import VoxelIndex
 
 DEFAULT_ATTRS = np.array([0.8, 0.8, 0.8, 0.0, 0.5, 1.0], np.float32)
@@ -201,8 +203,6 @@ def voxelize_pbr(mesh, coords: np.ndarray, resolution: int, aabb: Any = DEFAULT_
     the mean of their touched 26-neighbours (repeated twice), else the default material;
     ``return_mask=True`` also returns the bool ``[N]`` mask of touched voxels.
     """
-    from .encode import triangle_voxel_pairs
-
     R = check_resolution(resolution)
     box = as_aabb(aabb)
     c = np.asarray(coords).reshape(-1, 3)
@@ -445,3 +445,32 @@ class AttributeSampler:
             ok = nr >= 0
             acc[miss[ok]] = self.attrs[nr[ok]]
         return acc.astype(np.float32)
+
+
+def encode_mesh(mesh, resolution: int, aabb: Any = DEFAULT_AABB, *, pbr: bool = True,
+                normalize: bool = False, **kwargs) -> OVoxel:
+    """:class:`MeshData` -> O-Voxel with geometry and (when ``pbr``) the 6 PBR channels in ``attrs``.
+
+    ``normalize=True`` first applies :func:`normalize_vertices` (the official asset normalisation);
+    the centre/scale used are stored in ``meta["normalization"]`` as ``{"center", "scale"}``, and the
+    source's up axis (``mesh.meta["up_axis"]``, "Y" for glTF) in ``meta["up_axis"]``.
+    Extra keyword arguments go to :func:`encode_shape`.
+    """
+    verts = mesh.vertices
+    norm = None
+    if normalize:
+        verts, center, scale = normalize_vertices(verts, aabb)
+        norm = {"center": [float(x) for x in center], "scale": float(scale)}
+        mesh = mesh.transformed(1.0, np.zeros(3))
+        mesh.vertices = verts
+    ov = encode_shape(verts, mesh.faces, resolution, aabb, **kwargs)
+    if norm is not None:
+        ov.meta["normalization"] = norm
+    if mesh.meta.get("up_axis"):
+        ov.meta["up_axis"] = str(mesh.meta["up_axis"])
+    if pbr and ov.num_voxels:
+        import time as _time
+        t0 = _time.perf_counter()
+        ov.attrs = voxelize_pbr(mesh, ov.coords, resolution, aabb)
+        ov.meta.setdefault("encode_stats", {}).setdefault("timing", {})["pbr"] = _time.perf_counter() - t0
+    return ov
