@@ -351,6 +351,23 @@ class FrameReader:
             n -= k
         return True
 
+    def _peek_job_available(self, hlen: int) -> str | None:
+        """The job id of a rejected frame's JSON header, from the bytes already read ahead plus at
+        most one read of what the stream has now (never waits for the whole header); every byte
+        stays pending, so the re-synchronisation sees it."""
+        want = hlen - len(self._pending)
+        if want > 0:
+            try:
+                if self._fd is not None:
+                    self._pending += os.read(self._fd, want)
+                else:
+                    chunk = bytearray(want)
+                    n = self._stream.readinto(chunk) or 0  # type: ignore[union-attr]
+                    self._pending += chunk[:n]
+            except OSError:
+                pass
+        return _peek_job(bytes(self._pending[:hlen]))
+
     def _scan_to_magic(self) -> bool:
         """Discard bytes up to the next MAGIC (kept pending). False at EOF."""
         buf = bytearray(self._pending)
@@ -384,13 +401,21 @@ class FrameReader:
             raise ProtocolError(f"truncated frame: stream ended after {got} of {FIXED_SIZE} header bytes",
                                 fatal=True)
         magic, _version, _flags, hlen, plen = FIXED.unpack(fixed)
-        if magic != MAGIC or not 0 < hlen <= self.max_header or plen > _MAX_SKIP:
-            # untrustworthy framing: drop the first byte, look for the next magic on the next call
+        if magic != MAGIC or not 0 < hlen <= self.max_header or plen > min(self.max_payload, _MAX_SKIP):
+            # Untrustworthy framing or a payload over the limit: nothing of it is read or skipped by
+            # its declared lengths (the payload may never come, and later frames - a cancel - must
+            # still get through). Drop the first byte and look for the next magic on the next call.
             self.errors += 1
+            job = self._peek_job_available(hlen) if magic == MAGIC and 0 < hlen <= self.max_header else None
             self._pending[:0] = fixed[1:]
             self._resync = True
-            _check_fixed(bytes(fixed), self.max_header, self.max_payload)  # raises the precise error
-            raise ProtocolError(f"declared payload of {plen} bytes is over the limit of {self.max_payload} bytes")
+            try:
+                _check_fixed(bytes(fixed), self.max_header, self.max_payload)  # raises the precise error
+            except ProtocolError as exc:
+                exc.job = job
+                raise
+            raise ProtocolError(f"declared payload of {plen} bytes is over the limit of {self.max_payload} bytes",
+                                job=job)
         hbuf = bytearray(hlen)
         if self._read_exact(memoryview(hbuf)) < hlen:
             self.errors += 1
