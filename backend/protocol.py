@@ -86,7 +86,7 @@ ERROR_KINDS: tuple[str, ...] = (
 # unknown stage name is still valid). Cascades use shape_slat_lr / upsample / shape_slat_hr.
 STAGES: tuple[str, ...] = (
     "preprocess", "cond", "sparse_structure", "shape_slat", "shape_slat_lr", "upsample", "shape_slat_hr",
-    "tex_slat", "decode", "postprocess", "bake")
+    "tex_slat", "decode", "postprocess", "unwrap", "bake")
 
 
 _HAVE_READV = hasattr(os, "readv")

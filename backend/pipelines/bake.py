@@ -8,12 +8,16 @@ centre at ``u = (col + 0.5) / W``, ``v = 1 − (row + 0.5) / H``.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import BadInput
-from ..ovoxel.uvbake import bake_attributes
+from ..ovoxel.uvbake import fill_empty_texels, pack_pbr_textures, rasterize_uv
 
 __all__ = ["validate_mesh", "corner_uvs", "unwrap_uvs", "sample_voxel_attributes", "bake_pbr"]
 
@@ -58,18 +62,60 @@ def corner_uvs(uvs: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return out
 
 
-def unwrap_uvs(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+#: the UV unwrap runs in a child process: xatlas holds the GIL for seconds (a thread could not
+#: even notice a cancel) and can crash on odd meshes; a child can be killed and its crash reported
+_UNWRAP_CHILD = r"""
+import os, sys
+import numpy as np
+import xatlas
+with np.load(sys.argv[1], allow_pickle=False) as z:
+    v, f = z["v"], z["f"]
+vmap, faces, uvs = xatlas.parametrize(v, f)
+with open(sys.argv[2] + ".part", "wb") as fh:
+    np.savez(fh, vmap=vmap, faces=faces, uvs=uvs)
+os.replace(sys.argv[2] + ".part", sys.argv[2])
+"""
+
+
+def unwrap_uvs(vertices: np.ndarray, faces: np.ndarray, tick: Callable[[], None] | None = None,
+               poll_s: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Create a UV atlas with xatlas: ``(vertex_map [V'], faces' [F, 3], uvs' [V', 2])``.
 
-    Vertices are split at seams; ``vertices[vertex_map]`` gives the new vertex positions.
+    Vertices are split at seams; ``vertices[vertex_map]`` gives the new vertex positions. xatlas
+    runs in a child process; ``tick()`` is called every ``poll_s`` seconds meanwhile and may raise
+    (a cancel): the child is then killed at once.
     """
-    try:
-        import xatlas
-    except ImportError as e:  # pragma: no cover - pinned in requirements.txt
+    import importlib.util
+
+    if importlib.util.find_spec("xatlas") is None:  # pragma: no cover - pinned in requirements.txt
         raise BadInput("the mesh has no UVs and xatlas (UV unwrapping) is not installed: pip install "
-                       "xatlas==0.0.11, or unwrap the mesh in Blender first.") from e
-    vmap, new_faces, uvs = xatlas.parametrize(np.ascontiguousarray(vertices, np.float32),
-                                              np.ascontiguousarray(faces, np.uint32))
+                       "xatlas==0.0.11, or unwrap the mesh in Blender first.")
+    with tempfile.TemporaryDirectory(prefix="trellis2-unwrap-") as tmp:
+        inp, out, err = (os.path.join(tmp, n) for n in ("in.npz", "out.npz", "err.txt"))
+        np.savez(inp, v=np.ascontiguousarray(vertices, np.float32), f=np.ascontiguousarray(faces, np.uint32))
+        with open(err, "wb") as err_fh:
+            proc = subprocess.Popen([sys.executable, "-c", _UNWRAP_CHILD, inp, out], stdin=subprocess.DEVNULL,
+                                    stdout=err_fh, stderr=err_fh)
+        try:
+            while True:
+                try:
+                    rc = proc.wait(poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    if tick is not None:
+                        tick()
+        finally:
+            if proc.poll() is None:      # cancelled (or interrupted): never leave the child running
+                proc.kill()
+                proc.wait()
+        if rc != 0 or not os.path.exists(out):
+            with open(err, "rb") as fh:
+                detail = fh.read()[-500:].decode("utf-8", "replace").strip()
+            how = f"signal {-rc}" if rc < 0 else f"code {rc}"
+            raise BadInput(f"UV unwrapping (xatlas) failed on this mesh ({how}){': ' + detail if detail else ''}.",
+                           advice="Try a decimation target, or unwrap the mesh in Blender and texture it there.")
+        with np.load(out, allow_pickle=False) as z:
+            vmap, new_faces, uvs = z["vmap"], z["faces"], z["uvs"]
     return vmap.astype(np.int64), new_faces.astype(np.int64), uvs.astype(np.float64)
 
 
@@ -97,21 +143,84 @@ def sample_voxel_attributes(coords: np.ndarray, attrs: np.ndarray, resolution: i
                                     ovoxel.DEFAULT_AABB, np.asarray(points, np.float32))
 
 
+#: texels per rasterisation / sampling chunk of :func:`bake_pbr` (bounds the time between progress ticks)
+BAKE_CHUNK = 1 << 19
+
+
+def _sampler(coords: np.ndarray, attrs: np.ndarray, resolution: int, device: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``points -> [P, 6]`` samples; on the CPU the voxel index is built once for all chunks."""
+    if device is not None and str(device).startswith("cuda"):
+        return lambda pts: sample_voxel_attributes(coords, attrs, resolution, pts, device)
+    from .. import ovoxel
+
+    s = ovoxel.AttributeSampler(np.asarray(coords, np.int32), np.asarray(attrs, np.float32), int(resolution),
+                                ovoxel.DEFAULT_AABB)
+    return lambda pts: s.sample(np.asarray(pts, np.float32))
+
+
 def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coords: np.ndarray, attrs: np.ndarray,
-             resolution: int, size: int, device: Any = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Bake O-Voxel PBR attributes into UV space.
+             resolution: int, size: int, device: Any = None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Bake O-Voxel PBR attributes into UV space, in chunks.
 
     Args:
         unit_vertices: ``[V, 3]`` positions in the O-Voxel frame (``[-0.5, 0.5]³``).
         faces: ``[F, 3]``; uv: ``[F, 3, 2]`` per-corner UVs.
         coords / attrs: the attribute voxels (``[N, 3]`` int, ``[N, 6]`` float) at ``resolution``.
         size: texture size.
+        progress: ``progress(step, total)`` after every chunk (rasterisation by face groups, then
+            sampling by texel groups, then the fill); it may raise to stop the bake (a cancel).
     Returns:
         ``(base_color RGBA uint8, metallicRoughness uint8, coverage)``; every texel a triangle covers
         gets the sparse-trilinear sample at its barycentric 3D position, the rest the nearest one.
+        Identical to ``backend.ovoxel.uvbake.bake_attributes`` (later faces win overlaps).
     """
-    try:
-        return bake_attributes(unit_vertices, faces, uv, size,
-                               lambda pts: sample_voxel_attributes(coords, attrs, resolution, pts, device))
-    except ValueError as exc:
-        raise BadInput(str(exc)) from exc
+    uv = np.asarray(uv, np.float64).reshape(-1, 3, 2)
+    faces = np.asarray(faces, np.int64)
+    size = int(size)
+    # rasterise face groups of about BAKE_CHUNK covered texels each (bounding-box area estimate)
+    px = uv[..., 0] * size
+    py = uv[..., 1] * size
+    area = np.clip((np.ptp(px, 1) + 1) * (np.ptp(py, 1) + 1), 1, float(size) * size)
+    bounds = np.searchsorted(np.cumsum(area), np.arange(BAKE_CHUNK, area.sum() + BAKE_CHUNK, BAKE_CHUNK))
+    bounds = np.unique(np.clip(np.concatenate([[0], bounds + 1, [len(uv)]]), 0, len(uv)))
+    n_samples = max(1, -(-int(size) * size // BAKE_CHUNK))
+    total = (len(bounds) - 1) + n_samples + 1
+    step = 0
+
+    def tick() -> None:
+        nonlocal step
+        step += 1
+        if progress is not None:
+            progress(min(step, total), total)
+
+    face_img = np.full((size, size), -1, np.int64)
+    bary = np.zeros((size, size, 3), np.float32)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        f_img, b_img = rasterize_uv(uv[a:b], size)
+        hit = f_img >= 0
+        face_img[hit] = f_img[hit] + a          # later groups win overlaps, as within a group
+        bary[hit] = b_img[hit]
+        tick()
+    filled = face_img >= 0
+    if not filled.any():
+        raise BadInput("the mesh UVs cover no texel of the texture (all UVs outside [0, 1] or degenerate).")
+    texel_faces = face_img[filled]
+    texel_bary = bary[filled].astype(np.float64)
+    del face_img, bary
+    sample = _sampler(coords, attrs, resolution, device)
+    vals = np.empty((texel_faces.shape[0], attrs.shape[1] if np.ndim(attrs) == 2 else 1), np.float32)
+    chunk = -(-texel_faces.shape[0] // n_samples)
+    vsrc = np.asarray(unit_vertices, np.float64)
+    for a in range(0, texel_faces.shape[0], chunk):
+        tri = vsrc[faces[texel_faces[a:a + chunk]]]                                   # [T, 3, 3]
+        pos = np.einsum("tk,tkc->tc", texel_bary[a:a + chunk], tri).astype(np.float32)
+        vals[a:a + chunk] = np.asarray(sample(pos), np.float32).reshape(len(pos), -1)
+        tick()
+    img = np.zeros((size, size, vals.shape[1]), np.float32)
+    img[filled] = vals
+    img = fill_empty_texels(img, filled)
+    base, mr = pack_pbr_textures(img)
+    if progress is not None:
+        progress(total, total)
+    return base, mr, float(filled.mean())

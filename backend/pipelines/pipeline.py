@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
+from .. import validation as _validation
 from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
 from .loader import DINOV3_KEY, ModelManager, PipelineConfig, resolve_device
@@ -48,7 +49,7 @@ __all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", 
 MAX_NUM_TOKENS = 49152
 MIN_NUM_TOKENS = 1024
 #: ``precision`` values: the flow transformers' compute dtype (see :func:`model_dtypes`)
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = _validation.PRECISIONS
 log = logging.getLogger(__name__)
 
 
@@ -88,7 +89,8 @@ def _check_finite(x: torch.Tensor | SparseTensor, stage: str, model: torch.nn.Mo
     if not bool(torch.isfinite(t).all()):
         dtype = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), torch.float32)
         raise NumericalError(f"The {stage} model produced NaN/Inf values (computing in "
-                             f"{str(dtype).removeprefix('torch.')}).", stage=stage)
+                             f"{str(dtype).removeprefix('torch.')}).", stage=stage,
+                             precision_related=dtype != torch.float32)
 
 
 PBR_LAYOUT = {"base_color": slice(0, 3), "metallic": slice(3, 4), "roughness": slice(4, 5), "alpha": slice(5, 6)}
@@ -220,9 +222,16 @@ class Trellis2Pipelines:
                                  advice="Download the file again (it is damaged or from another model).") from e
 
     def _load_dinov3(self, folder: Path, device: torch.device) -> torch.nn.Module:
+        from ..models import CheckpointError
         from ..modules.image_feature_extractor import load_dinov3
 
-        return load_dinov3(folder, device=device, dtype=torch.float32)
+        try:
+            return load_dinov3(folder, device=device, dtype=torch.float32)
+        except (CheckpointError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+            # a corrupt config.json (bad JSON, wrong types) or damaged weights: name the files
+            raise MissingWeights(f"The DINOv3 model in {folder} cannot be used (config.json or model.safetensors): "
+                                 f"{type(e).__name__}: {e}", missing=[str(Path(folder) / "config.json")],
+                                 advice="Download facebook/dinov3-vitl16-pretrain-lvd1689m again.") from e
 
     def _rng(self, seed: int) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(int(seed))

@@ -95,7 +95,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
             out_v, out_f, uv_created = np.asarray(vertices, np.float32), np.asarray(faces), False
             geo_v, geo_f = v_in, f_in
         else:
-            vmap, out_f, vert_uv = unwrap_uvs(v_in, f_in)
+            vmap, out_f, vert_uv = unwrap_uvs(v_in, f_in, tick=run.check)
             out_v = np.asarray(vertices, np.float32)[vmap]
             geo_v, geo_f = v_in[vmap], out_f
             uv = vert_uv[out_f]
@@ -133,7 +133,8 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
         attrs = (tv.feats.float() * 0.5 + 0.5).cpu().numpy()
         del tv, tex, shape, hierarchy
     with run.stage_ctx("bake"):
-        base, mr, coverage = bake_pbr(unit, geo_f, uv, coords_np, attrs, res, int(texture_size), pipe.device)
+        base, mr, coverage = bake_pbr(unit, geo_f, uv, coords_np, attrs, res, int(texture_size), pipe.device,
+                                      progress=run.step_callback)  # chunked: progress + cancel per chunk
     return TextureResult(base_color=base, metallic_roughness=mr, vertices=out_v, faces=np.asarray(out_f, np.int32),
                          uvs=uv.astype(np.float32), uv_created=uv_created, resolution=res,
                          coords=np.asarray(coords_np, np.int32), attrs=attrs,
