@@ -196,3 +196,46 @@ def test_texture_encode_uses_the_gpu_port_with_a_safe_fallback(monkeypatch, capl
     monkeypatch.setattr(ovoxel_encode, "encode_shape_torch", bad)
     with pytest.raises(ovoxel.OVoxelError):
         encode_mesh_shape(v, f, 64, "cpu")
+
+
+def test_texture_job_cancel_is_honoured_inside_the_bake(pipe, monkeypatch):
+    """The bake is chunked: a cancel that arrives mid-bake stops it at the next chunk (it used to be
+    seen only when the whole bake had finished)."""
+    import threading
+
+    from backend.errors import Cancelled
+
+    monkeypatch.setattr("backend.pipelines.bake.BAKE_CHUNK", 1 << 10)
+    v, f, uv = _box_with_uvs()
+    cancel, seen = threading.Event(), []
+
+    def progress(stage, step, total, elapsed):
+        seen.append((stage, step, total))
+        if stage == "bake" and step == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled) as info:
+        pipe.texture(v, f, object_rgba(), uvs=uv, seed=3, resolution=256, texture_size=128,
+                     progress=progress, cancel=cancel)
+    assert info.value.stage == "bake" and seen[-1][:2] == ("bake", 2) and seen[-1][2] > 4
+
+
+def test_chunked_bake_is_identical_to_the_one_shot_bake(monkeypatch):
+    from backend import ovoxel
+    from backend.ovoxel.uvbake import bake_attributes
+    from backend.pipelines import bake
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    uv = rng.random((n, 1, 2)) * 0.95 + (rng.random((n, 3, 2)) - 0.5) * 0.05   # overlapping triangles
+    v = rng.random((n * 3, 3)) - 0.5
+    f = np.arange(n * 3).reshape(n, 3)
+    coords = np.unique(rng.integers(0, 32, (2000, 3)), axis=0)
+    attrs = rng.random((len(coords), 6), dtype=np.float32)
+    monkeypatch.setattr(bake, "BAKE_CHUNK", 1 << 11)
+    steps = []
+    got = bake.bake_pbr(v, f, uv, coords, attrs, 32, 256, progress=lambda s, t: steps.append((s, t)))
+    ref = bake_attributes(v, f, uv, 256, lambda p: ovoxel.sample_attributes(coords, attrs, 32, ovoxel.DEFAULT_AABB, p))
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]) and got[2] == ref[2]
+    assert len(steps) > 10 and [s for s, _ in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1][0] == steps[-1][1]

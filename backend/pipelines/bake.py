@@ -182,10 +182,12 @@ def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coord
     px = uv[..., 0] * size
     py = uv[..., 1] * size
     area = np.clip((np.ptp(px, 1) + 1) * (np.ptp(py, 1) + 1), 1, float(size) * size)
-    bounds = np.searchsorted(np.cumsum(area), np.arange(BAKE_CHUNK, area.sum() + BAKE_CHUNK, BAKE_CHUNK))
+    raster_chunk = 4 * BAKE_CHUNK  # a group costs two full-size images: fewer, larger groups
+    bounds = np.searchsorted(np.cumsum(area), np.arange(raster_chunk, area.sum() + raster_chunk, raster_chunk))
     bounds = np.unique(np.clip(np.concatenate([[0], bounds + 1, [len(uv)]]), 0, len(uv)))
     n_samples = max(1, -(-int(size) * size // BAKE_CHUNK))
-    total = (len(bounds) - 1) + n_samples + 1
+    rows = max(1, BAKE_CHUNK // size)
+    total = (len(bounds) - 1) + n_samples + 1 + -(-size // rows)
     step = 0
 
     def tick() -> None:
@@ -194,14 +196,16 @@ def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coord
         if progress is not None:
             progress(min(step, total), total)
 
-    face_img = np.full((size, size), -1, np.int64)
-    bary = np.zeros((size, size, 3), np.float32)
+    face_img = np.full(size * size, -1, np.int64)
+    bary = np.zeros((size * size, 3), np.float32)
     for a, b in zip(bounds[:-1], bounds[1:]):
         f_img, b_img = rasterize_uv(uv[a:b], size)
-        hit = f_img >= 0
-        face_img[hit] = f_img[hit] + a          # later groups win overlaps, as within a group
-        bary[hit] = b_img[hit]
+        hit = np.flatnonzero(f_img.reshape(-1) >= 0)
+        face_img[hit] = f_img.reshape(-1)[hit] + a          # later groups win overlaps, as within a group
+        bary[hit] = b_img.reshape(-1, 3)[hit]
+        del f_img, b_img
         tick()
+    face_img, bary = face_img.reshape(size, size), bary.reshape(size, size, 3)
     filled = face_img >= 0
     if not filled.any():
         raise BadInput("the mesh UVs cover no texel of the texture (all UVs outside [0, 1] or degenerate).")
@@ -219,8 +223,20 @@ def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coord
         tick()
     img = np.zeros((size, size, vals.shape[1]), np.float32)
     img[filled] = vals
-    img = fill_empty_texels(img, filled)
-    base, mr = pack_pbr_textures(img)
-    if progress is not None:
-        progress(total, total)
+    del vals
+    # empty texels take the nearest covered texel's value (fill_empty_texels, margin None), the
+    # gather and the packing done by row bands so that progress / cancel keep coming
+    try:
+        from scipy import ndimage
+
+        _, (iy, ix) = ndimage.distance_transform_edt(~filled, return_indices=True)
+    except ImportError:  # pragma: no cover - scipy is a backend dependency
+        img, iy, ix = fill_empty_texels(img, filled), None, None
+    tick()
+    base = np.empty((size, size, 4), np.uint8)
+    mr = np.empty((size, size, 3), np.uint8)
+    for r in range(0, size, rows):
+        band = img[iy[r:r + rows], ix[r:r + rows]] if iy is not None else img[r:r + rows]
+        base[r:r + rows], mr[r:r + rows] = pack_pbr_textures(band)
+        tick()
     return base, mr, float(filled.mean())
