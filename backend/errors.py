@@ -83,8 +83,8 @@ class NumericalError(Trellis2Error):
         super().__init__(message, advice=advice or (
             "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again."
             if precision_related else
-            "The model already computed in fp32, so this is not a precision problem: check the sampler "
-            "settings (guidance, steps) and, if they are ordinary, download the model files again."))
+            "Computed in fp32 already, so not a precision problem: check guidance/steps, or re-download "
+            "the model files."))
         self.stage = stage
         self.precision_related = precision_related
 
