@@ -125,3 +125,17 @@ def test_outputs_honour_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert (p.stat().st_mode & 0o777) == mode
     assert [x.name for x in tmp_path.iterdir()] == ["o.glb"]                   # no temp file left
+
+
+def test_checkpoint_config_with_wrong_types_is_missing_weights(img, tiny_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    cfg_path = model / "ckpts" / "ss_flow_img_dit_1_3B_64_bf16.json"
+    cfg = json.loads(cfg_path.read_text())
+    key = next(k for k, v in cfg["args"].items() if isinstance(v, int) and not isinstance(v, bool))
+    cfg["args"][key] = "many"
+    cfg_path.write_text(json.dumps(cfg))
+    assert _gen(img, tmp_path / "o.glb", model, "--pipeline", "512") == 1
+    err = capsys.readouterr().err
+    assert "ss_flow_img_dit_1_3B_64_bf16.json" in err and "cannot be used" in err
+    assert "Traceback" not in err and err.count("\n") == 1

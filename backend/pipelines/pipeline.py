@@ -217,8 +217,13 @@ class Trellis2Pipelines:
         try:
             return from_pretrained(stem, device=device, dtype=dtype)
         except CheckpointError as e:
-            raise MissingWeights(f"The checkpoint {stem}.safetensors cannot be used: {e}",
+            raise MissingWeights(f"The checkpoint {stem}.json/.safetensors cannot be used: {e}",
                                  missing=[f"{stem}.safetensors"],
+                                 advice="Download the file again (it is damaged or from another model).") from e
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+            # a config (<stem>.json) whose values have the wrong types or sizes
+            raise MissingWeights(f"The checkpoint config {stem}.json cannot be used: {type(e).__name__}: {e}",
+                                 missing=[f"{stem}.json"],
                                  advice="Download the file again (it is damaged or from another model).") from e
 
     def _load_dinov3(self, folder: Path, device: torch.device) -> torch.nn.Module:
