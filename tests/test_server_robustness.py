@@ -289,3 +289,22 @@ def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, mon
     assert res["type"] == "result" and res["arrays"]["base_color"].shape == (128, 128, 4)
     bake = [m["step"] for m in w.of("exp2", "progress") if m["stage"] == "bake"]
     assert len(bake) > 3 and bake == sorted(bake)
+
+
+def test_damaged_saved_state_is_bad_input(tmp_path):
+    """Upscale's source state: a corrupt npz, a non-object job.json, a string seed -> BadInput."""
+    from backend.pipelines import JobState
+
+    st = JobState("512", 3, 128, image=np.zeros((4, 4, 3), np.uint8))
+    folder = st.save(tmp_path / "ok")
+    assert JobState.load(folder).seed == 3
+    (folder / "job_state.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(E.BadInput, match="not a readable"):
+        JobState.load(folder)
+    folder = st.save(tmp_path / "b")
+    (folder / "job.json").write_text("[1, 2]")
+    with pytest.raises(E.BadInput):
+        JobState.load(folder)
+    (folder / "job.json").write_text(json.dumps({"pipeline_type": "512", "seed": "3", "resolution": 128}))
+    with pytest.raises(E.BadInput, match="seed"):
+        JobState.load(folder)
