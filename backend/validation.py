@@ -235,8 +235,8 @@ def validate_arrays(kind: str, arrays: Mapping[str, Any]) -> None:
     def arr(name: str, ok: bool, expected: str) -> None:
         if not ok:
             a = arrays[name]
-            raise BadInput(f"Invalid request array '{name}': expected {expected}, got "
-                           f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}.", field=f"arrays.{name}")
+            got = f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
+            raise BadInput(f"Invalid request array '{name}': expected {expected}, got {got}.", field=f"arrays.{name}")
 
     def kind_of(a: Any) -> str:
         return np.asarray(a).dtype.kind

@@ -252,8 +252,9 @@ def _stub_runner(tmp_path, faces: int):
     return runner
 
 
-@pytest.mark.parametrize("stage,step", [("unwrap", 0), ("bake", 2)])
-def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, monkeypatch, stage, step):
+@pytest.mark.parametrize("stage,step,extra", [("unwrap", 0, {}), ("bake", 2, {}),
+                                              ("postprocess", 0, {"decimation_target": 300})])
+def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, monkeypatch, stage, step, extra):
     import subprocess
 
     children = []
@@ -274,7 +275,7 @@ def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, mon
 
     w.on_send = at
     srv._handle({"type": "generate", "job": "exp", "image": str(_png(tmp_path / "i.png")), "output": "textures",
-                 "texture_size": 128, "preprocess": False})
+                 "texture_size": 128, "preprocess": False, **extra})
     end = w.wait(_end("exp"))
     assert end["type"] == "cancelled" and end["stage"] == stage, end
     prog = [(m["stage"], m["step"]) for m in w.of("exp", "progress")]
@@ -284,9 +285,11 @@ def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, mon
     # without a cancel the same export finishes, with per-chunk bake progress
     w.on_send = None
     srv._handle({"type": "generate", "job": "exp2", "image": str(_png(tmp_path / "i.png")), "output": "textures",
-                 "texture_size": 128, "preprocess": False})
+                 "texture_size": 128, "preprocess": False, **extra})
     res = w.wait(_end("exp2"))
     assert res["type"] == "result" and res["arrays"]["base_color"].shape == (128, 128, 4)
+    if extra:
+        assert 0 < len(res["arrays"]["faces"]) <= 1.1 * extra["decimation_target"]
     bake = [m["step"] for m in w.of("exp2", "progress") if m["stage"] == "bake"]
     assert len(bake) > 3 and bake == sorted(bake)
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import BadInput
 from ..ovoxel.uvbake import fill_empty_texels, pack_pbr_textures, rasterize_uv
 
-__all__ = ["validate_mesh", "corner_uvs", "unwrap_uvs", "sample_voxel_attributes", "bake_pbr"]
+__all__ = ["validate_mesh", "corner_uvs", "unwrap_uvs", "decimate_and_unwrap", "sample_voxel_attributes", "bake_pbr"]
 
 
 def validate_mesh(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,29 +62,36 @@ def corner_uvs(uvs: np.ndarray, faces: np.ndarray) -> np.ndarray:
     return out
 
 
-#: the UV unwrap runs in a child process: xatlas holds the GIL for seconds (a thread could not
-#: even notice a cancel) and can crash on odd meshes; a child can be killed and its crash reported
-_UNWRAP_CHILD = r"""
+#: Decimation and the UV unwrap run in a child process: fast-simplification and xatlas hold the GIL
+#: for seconds (a thread could not even notice a cancel) and xatlas can crash on odd meshes; a
+#: child can be killed at once and its crash reported. argv: input.npz output.npz target_faces
+_MESH_CHILD = r"""
 import os, sys
 import numpy as np
-import xatlas
 with np.load(sys.argv[1], allow_pickle=False) as z:
     v, f = z["v"], z["f"]
-vmap, faces, uvs = xatlas.parametrize(v, f)
+target = int(sys.argv[3])
+out = {}
+if target:
+    try:
+        import trimesh
+        m = trimesh.Trimesh(v, f, process=False).simplify_quadric_decimation(face_count=target)
+    except ImportError:
+        sys.exit(17)
+    v, f = np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+    out.update(v=v, f=f)
+import xatlas
+vmap, faces, uvs = xatlas.parametrize(np.ascontiguousarray(v, np.float32), np.ascontiguousarray(f, np.uint32))
 with open(sys.argv[2] + ".part", "wb") as fh:
-    np.savez(fh, vmap=vmap, faces=faces, uvs=uvs)
+    np.savez(fh, vmap=vmap, faces=faces, uvs=uvs, **out)
 os.replace(sys.argv[2] + ".part", sys.argv[2])
 """
+_NO_FAST_SIMPLIFICATION = 17
 
 
-def unwrap_uvs(vertices: np.ndarray, faces: np.ndarray, tick: Callable[[], None] | None = None,
-               poll_s: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Create a UV atlas with xatlas: ``(vertex_map [V'], faces' [F, 3], uvs' [V', 2])``.
-
-    Vertices are split at seams; ``vertices[vertex_map]`` gives the new vertex positions. xatlas
-    runs in a child process; ``tick()`` is called every ``poll_s`` seconds meanwhile and may raise
-    (a cancel): the child is then killed at once.
-    """
+def _mesh_child(vertices: np.ndarray, faces: np.ndarray, decimate: int, tick: Callable[[], None] | None,
+                poll_s: float) -> dict[str, np.ndarray]:
+    """Run :data:`_MESH_CHILD`; ``tick()`` every ``poll_s`` seconds may raise (cancel): the child is killed."""
     import importlib.util
 
     if importlib.util.find_spec("xatlas") is None:  # pragma: no cover - pinned in requirements.txt
@@ -92,10 +99,10 @@ def unwrap_uvs(vertices: np.ndarray, faces: np.ndarray, tick: Callable[[], None]
                        "xatlas==0.0.11, or unwrap the mesh in Blender first.")
     with tempfile.TemporaryDirectory(prefix="trellis2-unwrap-") as tmp:
         inp, out, err = (os.path.join(tmp, n) for n in ("in.npz", "out.npz", "err.txt"))
-        np.savez(inp, v=np.ascontiguousarray(vertices, np.float32), f=np.ascontiguousarray(faces, np.uint32))
+        np.savez(inp, v=np.ascontiguousarray(vertices, np.float64), f=np.ascontiguousarray(faces, np.int64))
         with open(err, "wb") as err_fh:
-            proc = subprocess.Popen([sys.executable, "-c", _UNWRAP_CHILD, inp, out], stdin=subprocess.DEVNULL,
-                                    stdout=err_fh, stderr=err_fh)
+            proc = subprocess.Popen([sys.executable, "-c", _MESH_CHILD, inp, out, str(int(decimate))],
+                                    stdin=subprocess.DEVNULL, stdout=err_fh, stderr=err_fh)
         try:
             while True:
                 try:
@@ -108,15 +115,41 @@ def unwrap_uvs(vertices: np.ndarray, faces: np.ndarray, tick: Callable[[], None]
             if proc.poll() is None:      # cancelled (or interrupted): never leave the child running
                 proc.kill()
                 proc.wait()
+        if rc == _NO_FAST_SIMPLIFICATION:
+            raise BadInput("decimation needs the 'fast-simplification' package (pip install fast-simplification); "
+                           "run without a decimation target.")
         if rc != 0 or not os.path.exists(out):
             with open(err, "rb") as fh:
                 detail = fh.read()[-500:].decode("utf-8", "replace").strip()
             how = f"signal {-rc}" if rc < 0 else f"code {rc}"
-            raise BadInput(f"UV unwrapping (xatlas) failed on this mesh ({how}){': ' + detail if detail else ''}.",
+            what = "Decimation / UV unwrapping" if decimate else "UV unwrapping (xatlas)"
+            raise BadInput(f"{what} failed on this mesh ({how}){': ' + detail if detail else ''}.",
                            advice="Try a decimation target, or unwrap the mesh in Blender and texture it there.")
         with np.load(out, allow_pickle=False) as z:
-            vmap, new_faces, uvs = z["vmap"], z["faces"], z["uvs"]
-    return vmap.astype(np.int64), new_faces.astype(np.int64), uvs.astype(np.float64)
+            return {k: z[k] for k in z.files}
+
+
+def unwrap_uvs(vertices: np.ndarray, faces: np.ndarray, tick: Callable[[], None] | None = None,
+               poll_s: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Create a UV atlas with xatlas: ``(vertex_map [V'], faces' [F, 3], uvs' [V', 2])``.
+
+    Vertices are split at seams; ``vertices[vertex_map]`` gives the new vertex positions. xatlas
+    runs in a child process; ``tick()`` is called every ``poll_s`` seconds meanwhile and may raise
+    (a cancel): the child is then killed at once.
+    """
+    r = _mesh_child(vertices, faces, 0, tick, poll_s)
+    return r["vmap"].astype(np.int64), r["faces"].astype(np.int64), r["uvs"].astype(np.float64)
+
+
+def decimate_and_unwrap(vertices: np.ndarray, faces: np.ndarray, target_faces: int,
+                        tick: Callable[[], None] | None = None, poll_s: float = 0.05
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Quadric decimation to ``target_faces`` (trimesh + fast-simplification), then :func:`unwrap_uvs`,
+    both in one killable child: ``(vertices'', faces'', vertex_map, faces' [F, 3], uvs')`` where
+    ``vertices''[vertex_map]`` are the unwrapped mesh's positions."""
+    r = _mesh_child(vertices, faces, int(target_faces), tick, poll_s)
+    return (r["v"], r["f"].astype(np.int64), r["vmap"].astype(np.int64), r["faces"].astype(np.int64),
+            r["uvs"].astype(np.float64))
 
 
 def sample_voxel_attributes(coords: np.ndarray, attrs: np.ndarray, resolution: int, points: np.ndarray,

@@ -111,7 +111,7 @@ def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int 
     reports the ``postprocess`` / ``unwrap`` / ``bake`` stages (the bake chunk by chunk) and
     ``check()`` is called while the unwrap runs; either may raise (a cancel) and stops the export.
     """
-    from .bake import bake_pbr, unwrap_uvs
+    from .bake import bake_pbr, decimate_and_unwrap, unwrap_uvs
 
     def report(stage: str, step: int, total: int) -> None:
         if progress is not None:
@@ -121,18 +121,14 @@ def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int 
     if f.shape[0] == 0:
         raise BadInput("the generated shape has no faces (nothing to export); try another seed or image.")
     if decimate and f.shape[0] > decimate:
-        import trimesh
-
+        # decimation and unwrap share one killable child process (both are long single C calls)
         report("postprocess", 0, 1)
-        try:
-            m = trimesh.Trimesh(v, f, process=False).simplify_quadric_decimation(face_count=int(decimate))
-        except (ImportError, ModuleNotFoundError) as e:
-            raise BadInput("decimation needs the 'fast-simplification' package (pip install fast-simplification); "
-                           "run without --decimate.") from e
-        v, f = np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
+        v, f, vmap, f2, uvs = decimate_and_unwrap(v, f, int(decimate), tick=check)
         report("postprocess", 1, 1)
-    report("unwrap", 0, 1)
-    vmap, f2, uvs = unwrap_uvs(v, f, tick=check)
+        report("unwrap", 0, 1)
+    else:
+        report("unwrap", 0, 1)
+        vmap, f2, uvs = unwrap_uvs(v, f, tick=check)
     report("unwrap", 1, 1)
     v2 = v[vmap]
     uv = uvs[f2]
