@@ -26,7 +26,9 @@ the protocol version, ``header_len <= max_header``, ``payload_len <= max_payload
 (object, known ``type``), and every array spec (allowed dtype, ``ndim``, non-negative dims, ``nbytes ==
 prod(shape) * itemsize``, inside the payload, no overlap). Bad frames raise :class:`ProtocolError`;
 :class:`FrameReader` then skips the bad frame (or re-synchronises on the next magic) so one bad frame
-never kills either side.
+never kills either side. A frame whose fixed header already breaks a limit (payload or header size)
+is never read or skipped by its declared lengths (the bytes may never come): the reader reports it
+at once, with the job id when the header is at hand, and re-synchronises on the next magic.
 
 Message types
 -------------

@@ -8,9 +8,12 @@ Process model (see docs/ARCHITECTURE.md and the add-on spec, part (b)):
   corrupt or steal protocol bytes.
 * **Threads.** A reader thread decodes frames: ``ping``/``cancel``/``shutdown`` are handled at
   once, jobs (``generate``/``texture``/``upscale``) and ``unload`` go to a FIFO queue. The main
-  thread is the worker: one job at a time. Cancel is cooperative: the reader sets the running job's
-  ``threading.Event``; the pipeline checks it at every sampler step (and :meth:`JobContext.progress`
-  checks it too), and the job ends with a ``cancelled`` message.
+  thread is the worker: one job at a time. A job request is validated (:mod:`backend.validation`)
+  before it is queued, and its id is reserved together with a job-wide cancel ``threading.Event``
+  the moment it arrives (a duplicate id is refused until the job has answered). Cancel is
+  cooperative: the reader sets that event; opening the job (image intake, storing the inputs), every
+  sampler step, :meth:`JobContext.progress`, the unwrap (a killable child process) and the chunked
+  bake check it, and the job ends with a ``cancelled`` message (never with a late result).
 * **Lifetime.** EOF on stdin means the add-on (Blender) is gone: the running job is cancelled and
   the process exits within ~1.5 s whatever the job is doing. ``--pdeathsig`` also asks Linux to
   SIGTERM us when the parent dies. Idle auto-unload (``--idle-unload MINUTES``) frees the models.
