@@ -16,6 +16,7 @@ import io
 import os
 import stat
 from pathlib import Path
+from typing import Callable
 
 from .errors import BadInput
 
@@ -82,15 +83,43 @@ def check_image_bytes(data: bytes | memoryview, name: str = "the input image") -
         raise BadInput(f"{name} is not an image (PNG, JPEG, WebP, TIFF, BMP or GIF expected).", field="image")
 
 
-def validated_png(data: bytes | memoryview) -> bytes:
+#: images with more pixels than this are decoded in a killable child when a cancel check is given
+CHILD_PIXELS = 4096 * 4096
+#: how often the child is polled (and ``check`` called)
+POLL_S = 0.05
+_CHILD = r"""
+import importlib, sys
+sys.path.insert(0, sys.argv[1])
+intake = importlib.import_module(sys.argv[2] + ".intake")
+try:
+    out = intake.validated_png(open(sys.argv[3], "rb").read())
+except intake.BadInput as e:
+    open(sys.argv[4] + ".err", "w", encoding="utf-8").write(e.message)
+    sys.exit(3)
+open(sys.argv[4], "wb").write(out)
+"""
+
+
+def validated_png(data: bytes | memoryview, check: Callable[[], None] | None = None) -> bytes:
     """Decode ``data`` completely with every guard of :func:`backend.pipelines.preprocess.load_image`
     (format, pixel limit / decompression bomb, EXIF orientation, 16-bit greyscale scaled to 8 bit)
-    and re-encode it as PNG (alpha kept). The job folder stores only this."""
+    and re-encode it as PNG (alpha kept). The job folder stores only this.
+
+    ``check()`` (may raise, e.g. a cancel): an image over :data:`CHILD_PIXELS` is then handled in a
+    child process polled with ``check`` and killed when it raises (a big decode is one long C call).
+    """
     from PIL import Image
 
     from .pipelines.preprocess import load_image
 
     check_image_bytes(data)
+    if check is not None:
+        try:
+            w, h = Image.open(io.BytesIO(bytes(data[:1 << 20]) if len(data) > 1 << 20 else bytes(data))).size
+        except Exception:  # noqa: BLE001 - the full decode below reports it properly
+            w = h = 0
+        if w * h > CHILD_PIXELS:
+            return _validated_png_in_child(data, check)
     img = load_image(bytes(data))
     if img.mode in ("P", "PA") or img.mode not in ("RGB", "RGBA", "L", "LA"):
         has_alpha = "A" in img.getbands() or "transparency" in img.info
@@ -100,3 +129,27 @@ def validated_png(data: bytes | memoryview) -> bytes:
     out = io.BytesIO()
     img.save(out, format="PNG", compress_level=1)
     return out.getvalue()
+
+
+def _validated_png_in_child(data: bytes | memoryview, check: Callable[[], None]) -> bytes:
+    import tempfile
+
+    from .killable import package_root, run_killable
+
+    root, pkg = package_root()
+    with tempfile.TemporaryDirectory(prefix="trellis2-intake-") as tmp:
+        src, dst, log = (os.path.join(tmp, n) for n in ("in.bin", "out.png", "log.txt"))
+        with open(src, "wb") as fh:
+            fh.write(data)
+        rc = run_killable(["-c", _CHILD, root, pkg, src, dst], check, log, POLL_S)
+        if rc == 3 and os.path.exists(dst + ".err"):
+            with open(dst + ".err", encoding="utf-8") as fh:
+                raise BadInput(fh.read(), field="image")
+        if rc != 0 or not os.path.exists(dst):
+            with open(log, "rb") as fh:
+                detail = fh.read()[-300:].decode("utf-8", "replace").strip()
+            how = f"signal {-rc}" if rc < 0 else f"code {rc}"
+            raise BadInput(f"The input image could not be decoded ({how}){': ' + detail if detail else ''}.",
+                           field="image")
+        with open(dst, "rb") as fh:
+            return fh.read()

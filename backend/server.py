@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -127,9 +127,10 @@ class Runner(Protocol):
     def unload(self) -> None:
         """Free models and device memory."""
 
-    def prepare_image(self, data: bytes) -> bytes:
-        """Optional: the checked, re-encoded input image to store (raise ``BadInput`` if unusable);
-        without it the server stores the bytes as read (after its own format sniff)."""
+    def prepare_image(self, data: bytes, check: Callable[[], None] | None = None) -> bytes:
+        """Optional: the checked, re-encoded input image to store (raise ``BadInput`` if unusable;
+        ``check()`` raises on cancel and may be called while it works); without it the server
+        stores the bytes as read (after its own format sniff)."""
 
 
 class PipelineRunner:
@@ -149,11 +150,12 @@ class PipelineRunner:
         return device_info()
 
     @staticmethod
-    def prepare_image(data: bytes) -> bytes:
-        """Decode and validate the image fully (bomb guard, 16-bit, EXIF); store the re-encoded PNG."""
+    def prepare_image(data: bytes, check: Callable[[], None] | None = None) -> bytes:
+        """Decode and validate the image fully (bomb guard, 16-bit, EXIF); store the re-encoded PNG
+        (a big image in a child process that a cancel kills)."""
         from .intake import validated_png
 
-        return validated_png(data)
+        return validated_png(data, check)
 
     def vram_used(self) -> int | None:
         try:
@@ -622,7 +624,7 @@ class Server:
             self.send_error(None, "internal", f"Unload failed: {exc}", tb=traceback.format_exc())
         self.send_status("ready", unloaded=reason)
 
-    def _read_image(self, msg: dict[str, Any]) -> bytes | None:
+    def _read_image(self, msg: dict[str, Any], check: Callable[[], None]) -> bytes | None:
         """The request's image, read and validated in memory (nothing is stored yet): the PNG bytes
         the add-on sent or the named file, checked by the runner's ``prepare_image`` when it has one."""
         from .intake import check_image_bytes, read_image_source
@@ -636,7 +638,7 @@ class Server:
         else:
             return None
         prepare = getattr(self.runner, "prepare_image", None)
-        return bytes(prepare(bytes(data))) if callable(prepare) else bytes(data)
+        return bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data)
 
     def _open_job(self, msg: dict[str, Any], cancel: threading.Event) -> _jobs.Job:
         """Validate the inputs, then create/reopen the job folder and store them (in that order, so
@@ -646,7 +648,7 @@ class Server:
                 raise _errors.Cancelled(stage="opening")
 
         check()
-        image = self._read_image(msg)
+        image = self._read_image(msg, check)
         src_job = None
         if msg["type"] == "upscale" and image is None and msg.get("source_job") is not None:
             src_job = self.store.get(validate_request(msg, partial=True)["source_job"])

@@ -7,10 +7,10 @@ and the cancel is sent at ``--trials`` offsets spread over the phase (from the m
 begins: the image intake for *opening*, the phase's first progress frame otherwise), so the maximum
 covers the longest uncheckable stretch of that phase.
 
-    python benchmarks/cancel_latency.py [--trials 6] [--faces 5] [--texture 2048] [--image 4096]
+    python benchmarks/cancel_latency.py [--trials 6] [--faces 5] [--texture 2048] [--image 6000]
 
 Phases: *queued* (behind a running job), *opening* (a large PNG being decoded, checked and
-re-encoded before anything is stored), *sampler* (fake runner, 0.25 s steps), *unwrap* (xatlas in
+re-encoded before anything is stored; over 4096² pixels that runs in a killable child process), *sampler* (fake runner, 0.25 s steps), *unwrap* (xatlas in
 its child process on an icosphere), *bake* (chunked UV bake at ``--texture``²). Prints one line per
 phase: phase length, max / median latency.
 """
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=6)
     ap.add_argument("--faces", type=int, default=5, help="icosphere subdivisions of the exported mesh (5: 20k faces)")
     ap.add_argument("--texture", type=int, default=2048)
-    ap.add_argument("--image", type=int, default=4096, help="side of the PNG decoded while the job opens")
+    ap.add_argument("--image", type=int, default=6000, help="side of the PNG decoded while the job opens")
     args = ap.parse_args(argv)
     from PIL import Image
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     Image.fromarray(arr, "RGBA").save(tmp / "big.png", compress_level=1)
     del arr, yy, xx
     t = time.perf_counter()
-    S.PipelineRunner.prepare_image((tmp / "big.png").read_bytes())
+    S.PipelineRunner.prepare_image((tmp / "big.png").read_bytes(), lambda: None)   # as the server calls it
     intake_s = time.perf_counter() - t
     srv, w = server(Intake())
     req = {"type": "generate", "image": str(tmp / "big.png"), "steps": 1, "step_s": 0}
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         timer.join()
         if end["type"] == "cancelled":
             lat.append(max(0.0, t_end - holder["t"]))
-    rows.append(("opening", intake_s, lat))
+    rows.append((f"opening ({side}² PNG)", intake_s, lat))
 
     # sampler: fake runner, 0.25 s steps (a cancel is seen at the next step)
     srv, w = server(FakeRunner())

@@ -81,7 +81,7 @@ class _BlockingIntake(FakeRunner):
         super().__init__()
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def prepare_image(self, data: bytes) -> bytes:
+    def prepare_image(self, data: bytes, check=None) -> bytes:
         self.entered.set()
         assert self.release.wait(10)
         return data

@@ -238,3 +238,32 @@ def test_malformed_pipeline_json_is_bad_input_naming_the_file(tmp_path):
     (root / "pipeline.json").write_text("{not json")
     with pytest.raises(BadInput, match="pipeline.json"):
         PipelineConfig.open(root)
+
+
+def test_big_images_are_decoded_in_a_killable_child(monkeypatch):
+    """Over CHILD_PIXELS (lowered here) the decode runs in a child: same bytes as in-process, a
+    cancel check that raises kills it at once, and a bad image still reports the loader's message."""
+    import subprocess
+
+    rgba = np.random.default_rng(1).integers(0, 256, (48, 64, 4), dtype=np.uint8)
+    data = _png(rgba)
+    monkeypatch.setattr(intake, "CHILD_PIXELS", 0)
+    assert intake.validated_png(data, check=lambda: None) == intake.validated_png(data)
+    children = []
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+    monkeypatch.setattr(intake, "POLL_S", 0.0)             # first poll right after the start: still running
+
+    class Stop(Exception):
+        pass
+
+    def cancel():
+        raise Stop
+
+    with pytest.raises(Stop):
+        intake.validated_png(data, check=cancel)
+    assert len(children) == 1 and children[0].poll() is not None    # killed and reaped
+    monkeypatch.setattr(intake, "POLL_S", 0.05)
+    truncated = data[:len(data) // 2]
+    with pytest.raises(BadInput, match="cannot read image"):
+        intake.validated_png(truncated, check=lambda: None)

@@ -9,14 +9,13 @@ centre at ``u = (col + 0.5) / W``, ``v = 1 − (row + 0.5) / H``.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import BadInput
+from ..killable import run_killable
 from ..ovoxel.uvbake import fill_empty_texels, pack_pbr_textures, rasterize_uv
 
 __all__ = ["validate_mesh", "corner_uvs", "unwrap_uvs", "decimate_and_unwrap", "sample_voxel_attributes", "bake_pbr"]
@@ -100,21 +99,7 @@ def _mesh_child(vertices: np.ndarray, faces: np.ndarray, decimate: int, tick: Ca
     with tempfile.TemporaryDirectory(prefix="trellis2-unwrap-") as tmp:
         inp, out, err = (os.path.join(tmp, n) for n in ("in.npz", "out.npz", "err.txt"))
         np.savez(inp, v=np.ascontiguousarray(vertices, np.float64), f=np.ascontiguousarray(faces, np.int64))
-        with open(err, "wb") as err_fh:
-            proc = subprocess.Popen([sys.executable, "-c", _MESH_CHILD, inp, out, str(int(decimate))],
-                                    stdin=subprocess.DEVNULL, stdout=err_fh, stderr=err_fh)
-        try:
-            while True:
-                try:
-                    rc = proc.wait(poll_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    if tick is not None:
-                        tick()
-        finally:
-            if proc.poll() is None:      # cancelled (or interrupted): never leave the child running
-                proc.kill()
-                proc.wait()
+        rc = run_killable(["-c", _MESH_CHILD, inp, out, str(int(decimate))], tick, err, poll_s)
         if rc == _NO_FAST_SIMPLIFICATION:
             raise BadInput("decimation needs the 'fast-simplification' package (pip install fast-simplification); "
                            "run without a decimation target.")
