@@ -120,7 +120,11 @@ def validated_png(data: bytes | memoryview, check: Callable[[], None] | None = N
             w = h = 0
         if w * h > CHILD_PIXELS:
             return _validated_png_in_child(data, check)
-    img = load_image(bytes(data))
+    try:
+        img = load_image(bytes(data))
+    except BadInput as e:
+        e.field = e.field or "image"
+        raise
     if img.mode in ("P", "PA") or img.mode not in ("RGB", "RGBA", "L", "LA"):
         has_alpha = "A" in img.getbands() or "transparency" in img.info
         img = img.convert("RGBA" if has_alpha else "RGB")

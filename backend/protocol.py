@@ -526,7 +526,8 @@ def describe_messages() -> dict[str, str]:
                   "device info (torch, cuda, device, gpu, vram_total, vram_used) when known",
         "progress": "job, stage (see STAGES), step, total, elapsed_s (job), stage_elapsed_s, eta_s (stage)",
         "result": "job, kind (mesh|textures|...), meta {...}, arrays {vertices, faces, ...}",
-        "error": "job (or null), kind (see ERROR_KINDS), message, advice, traceback_tail, log_tail",
+        "error": "job (or null), kind (see ERROR_KINDS), message, advice, traceback_tail, log_tail, "
+                 "field (bad_input: the request field at fault, when known)",
         "cancelled": "job, stage, step",
         "log": "level, text (throttled)",
         "pong": "echo of the ping's fields and arrays",

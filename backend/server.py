@@ -453,10 +453,14 @@ class Server:
         self.send(msg)
 
     def send_error(self, job: str | None, kind: str, message: str, advice: str | None = None,
-                   tb: str | None = None) -> None:
+                   tb: str | None = None, field: str | None = None) -> None:
+        """An ``error`` frame; ``field``: the request field at fault (``bad_input`` from validation)."""
         tail = read_log_tail(self.log_path) if self.log_path else list(self.tail.lines)[-_LOG_TAIL_LINES:] if self.tail else []
-        self.send({"type": "error", "job": job, "kind": kind, "message": message, "advice": advice,
-                   "traceback_tail": (tb or "").splitlines()[-25:], "log_tail": tail})
+        msg = {"type": "error", "job": job, "kind": kind, "message": message, "advice": advice,
+               "traceback_tail": (tb or "").splitlines()[-25:], "log_tail": tail}
+        if field:
+            msg["field"] = field
+        self.send(msg)
 
     # -- lifecycle
     def stop(self, code: int = 0) -> None:
@@ -545,7 +549,7 @@ class Server:
             try:  # every field's type and range, before the job is queued (a retry may omit fields)
                 msg = validate_request(msg, partial=True)
             except _errors.BadInput as exc:
-                self.send_error(job, "bad_input", exc.message, exc.advice)
+                self.send_error(job, "bad_input", exc.message, exc.advice, field=exc.field)
                 return
             with self._cv:
                 # the id is reserved atomically with its cancel flag: a duplicate is refused from
@@ -725,7 +729,8 @@ class Server:
                     except Exception:  # noqa: BLE001
                         log.exception("unload after OOM failed")
                 self._mark(job_id, "failed", error={"kind": kind, "message": message})
-                self.send_error(job_id, kind, message, advice, traceback.format_exc())
+                self.send_error(job_id, kind, message, advice, traceback.format_exc(),
+                                field=getattr(exc, "field", None))
         finally:
             with self._cv:
                 self._current = None

@@ -149,6 +149,7 @@ def test_bad_fields_are_refused_before_any_work(serve, tmp_path, field, value):
     srv._handle({"type": "generate", "job": "v1", "output": "textures", field: value})
     err = w.wait(_end("v1"))
     assert err["type"] == "error" and err["kind"] == "bad_input" and f"'{field}" in err["message"]
+    assert err["field"].startswith(field)
     assert "Traceback" not in err["message"] and not (tmp_path / "cache" / "jobs" / "v1").exists()
 
 
@@ -185,7 +186,7 @@ def test_the_real_runner_stores_only_the_validated_re_encoded_image(serve, tmp_p
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
     srv._handle({"type": "generate", "job": "bomb", "arrays": {"image_png": np.frombuffer(bomb, np.uint8)}})
     err = w.wait(_end("bomb"))
-    assert err["kind"] == "bad_input" and "decompression-bomb" in err["message"]
+    assert err["kind"] == "bad_input" and "decompression-bomb" in err["message"] and err["field"] == "image"
     assert not (tmp_path / "cache" / "jobs" / "bomb").exists()
     exif = Image.Exif()
     exif[0x0112] = 6
