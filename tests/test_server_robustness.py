@@ -274,6 +274,10 @@ def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, mon
         if msg["type"] == "progress" and (msg["stage"], msg["step"]) == (stage, step):
             srv._handle({"type": "cancel", "job": "exp"})
 
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))   # the export's scratch folders go here
+    (tmp_path / "tmp").mkdir()
     w.on_send = at
     srv._handle({"type": "generate", "job": "exp", "image": str(_png(tmp_path / "i.png")), "output": "textures",
                  "texture_size": 128, "preprocess": False, **extra})
@@ -283,6 +287,7 @@ def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, mon
     assert prog[-1] == (stage, step)                     # nothing ran after the cancel was seen
     assert not (tmp_path / "cache" / "jobs" / "exp" / "result").exists()
     assert all(p.poll() is not None for p in children)   # the unwrap child is gone
+    assert not list((tmp_path / "tmp").iterdir())         # and its scratch folder
     # without a cancel the same export finishes, with per-chunk bake progress
     w.on_send = None
     srv._handle({"type": "generate", "job": "exp2", "image": str(_png(tmp_path / "i.png")), "output": "textures",
