@@ -270,3 +270,22 @@ def test_no_tensor_leaks_across_repeated_jobs(pipe, image):
     round_()
     round_()
     assert live() == before
+
+
+def test_cancel_is_honoured_while_a_checkpoint_loads(tiny_dir, image):
+    """Models load lazily inside their stage: a cancel that arrives as the stage starts stops the
+    checkpoint load itself (tensor by tensor), and the half-loaded model is not kept."""
+    p = load_pipeline(tiny_dir, device="cpu")
+    cancel = threading.Event()
+
+    def progress(stage, step, total, elapsed):
+        if stage == "sparse_structure" and step == 0:
+            cancel.set()
+
+    with pytest.raises(Cancelled) as info:
+        p.generate(image, "512", seed=1, progress=progress, cancel=cancel)
+    assert info.value.stage == "sparse_structure"
+    assert "sparse_structure_flow_model" not in p.models.models
+    cancel.clear()
+    assert p.generate(image, "512", seed=1, stage_params={k: {"steps": 1} for k in
+                                                          ("sparse_structure", "shape_slat", "tex_slat")}).num_voxels

@@ -22,6 +22,7 @@ pipeline folder's optional ``resolution_scale`` (1.0 for the real models; the ti
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import logging
 import os
@@ -120,6 +121,10 @@ def _peak_rss_bytes() -> int:
     return int(r) * (1 if os.uname().sysname == "Darwin" else 1024)
 
 
+#: the running stage's cancel check, seen by checkpoint loads (a model loads lazily inside a stage)
+_LOAD_CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("load_check", default=None)
+
+
 class _Run:
     """Progress / cancellation / timing bookkeeping of one job."""
 
@@ -152,6 +157,7 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t = time.perf_counter()
+        token = _LOAD_CHECK.set(self.check)
         try:
             yield
         except torch.OutOfMemoryError as e:
@@ -164,6 +170,8 @@ class _Run:
                 raise
             gc.collect()
             raise OutOfMemory(f"The computer ran out of memory during the '{name}' stage.", stage=name) from e
+        finally:
+            _LOAD_CHECK.reset(token)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
         self.peak[name] = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                            else _peak_rss_bytes())
@@ -215,7 +223,7 @@ class Trellis2Pipelines:
         from ..models import CheckpointError, from_pretrained
 
         try:
-            return from_pretrained(stem, device=device, dtype=dtype)
+            return from_pretrained(stem, device=device, dtype=dtype, tick=_LOAD_CHECK.get())
         except CheckpointError as e:
             raise MissingWeights(f"The checkpoint {stem}.json/.safetensors cannot be used: {e}",
                                  missing=[f"{stem}.safetensors"],
