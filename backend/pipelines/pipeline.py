@@ -239,7 +239,7 @@ class Trellis2Pipelines:
         from ..modules.image_feature_extractor import load_dinov3
 
         try:
-            return load_dinov3(folder, device=device, dtype=torch.float32)
+            return load_dinov3(folder, device=device, dtype=torch.float32, tick=_LOAD_CHECK.get())
         except (CheckpointError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             # a corrupt config.json (bad JSON, wrong types) or damaged weights: name the files
             raise MissingWeights(f"The DINOv3 model in {folder} cannot be used (config.json or model.safetensors): "
