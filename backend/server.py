@@ -652,6 +652,8 @@ class Server:
                 raise _errors.Cancelled(stage="opening")
 
         check()
+        if self.store.get(msg["job"]) is None:
+            validate_request(msg)  # a new job: complete now (a retry completes from its stored settings)
         image = self._read_image(msg, check)
         src_job = None
         if msg["type"] == "upscale" and image is None and msg.get("source_job") is not None:

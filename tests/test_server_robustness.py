@@ -212,6 +212,10 @@ def test_malformed_source_job_is_bad_input(serve, tmp_path):
     srv._handle({"type": "upscale", "job": "up2", "source_job": {"id": 1}})
     err = w.wait(_end("up2"))
     assert err["kind"] == "bad_input" and "'source_job'" in err["message"]
+    srv._handle({"type": "upscale", "job": "up3"})                 # no source job at all
+    err = w.wait(_end("up3"))
+    assert err["kind"] == "bad_input" and err["field"] == "source_job"
+    assert not (tmp_path / "cache" / "jobs" / "up3").exists()     # nothing half-written
 
 
 def test_nan_in_fp32_is_not_called_a_precision_problem():
