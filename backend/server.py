@@ -258,18 +258,14 @@ class PipelineRunner:
 
 
 def _load_image(ctx: JobContext):
-    """The job's input image as a PIL RGBA/RGB image (from the job folder; inputs were saved first)."""
-    from PIL import Image
+    """The job's input image as a PIL image (from the job folder; inputs were validated and saved
+    first; loaded with every guard again, for job folders written by older versions)."""
+    from .pipelines.preprocess import load_image
 
     path = ctx.job.image_path
     if not path.exists():
-        raise _errors.BadInput("The job has no input image.")
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise _errors.BadInput(f"Cannot read the input image: {exc}") from exc
-    return img
+        raise _errors.BadInput("The job has no input image.", field="image")
+    return load_image(path)
 
 
 def _generation_meta(res: Any) -> dict[str, Any]:
