@@ -24,13 +24,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .errors import BadInput
+from .pipelines import PIPELINE_TYPES, STAGE_PARAM_KEYS  # (the package's torch-free contract)
 
 __all__ = ["validate_request", "validate_arrays", "check_output_path", "confined_path", "PRECISIONS",
            "BACKGROUND_POLICIES", "TEXTURE_SIZE_RANGE", "SEED_RANGE", "SCHEMAS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
-STAGE_PARAM_KEYS = ("sparse_structure", "shape_slat", "tex_slat")
 BACKGROUND_POLICIES = ("auto", "remove", "keep")
 OUTPUTS = ("textures", "vertex_attrs", "mesh")
 TEXTURE_SIZE_RANGE = (16, 8192)
