@@ -402,11 +402,14 @@ class FrameReader:
             self.errors += 1
             raise ProtocolError(f"truncated frame: stream ended after {got} of {FIXED_SIZE} header bytes",
                                 fatal=True)
-        magic, _version, _flags, hlen, plen = FIXED.unpack(fixed)
-        if magic != MAGIC or not 0 < hlen <= self.max_header or plen > min(self.max_payload, _MAX_SKIP):
-            # Untrustworthy framing or a payload over the limit: nothing of it is read or skipped by
-            # its declared lengths (the payload may never come, and later frames - a cancel - must
-            # still get through). Drop the first byte and look for the next magic on the next call.
+        magic, version, _flags, hlen, plen = FIXED.unpack(fixed)
+        if (magic != MAGIC or version != PROTOCOL_VERSION or not 0 < hlen <= self.max_header
+                or plen > min(self.max_payload, _MAX_SKIP)):
+            # Untrustworthy framing (another protocol version frames differently; a false magic met
+            # while re-synchronising rarely has our version) or a payload over the limit: nothing of
+            # it is read or skipped by its declared lengths (the payload may never come, and later
+            # frames - a cancel - must still get through). Drop the first byte and look for the next
+            # magic on the next call.
             self.errors += 1
             job = self._peek_job_available(hlen) if magic == MAGIC and 0 < hlen <= self.max_header else None
             self._pending[:0] = fixed[1:]
