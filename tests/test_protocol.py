@@ -332,3 +332,14 @@ def test_payload_just_over_the_limit_never_blocks_the_reader(over):
     assert isinstance(err, P.ProtocolError) and not err.fatal and "over the limit" in str(err)
     assert err.job == "big-1"
     assert msg == {"type": "cancel", "job": "big-1"}
+
+
+def test_magic_inside_a_rejected_payload_does_not_swallow_the_next_frame():
+    """Re-synchronising through an over-limit payload that contains the magic (followed by random
+    bytes, as in array data) still delivers the next real frame."""
+    rng = np.random.default_rng(3)
+    payload = b"".join(P.MAGIC + rng.integers(0, 256, 60, dtype=np.uint8).tobytes() for _ in range(50))
+    bad = _raw_frame({"type": "result", "job": "j"}, payload)
+    out = _read_all(bad + _frame_bytes({"type": "ping", "n": 9}), max_payload=1024)
+    assert all(isinstance(o, P.ProtocolError) and not o.fatal for o in out[:-1])
+    assert out[0].job == "j" and out[-1] == {"type": "ping", "n": 9}
