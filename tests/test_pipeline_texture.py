@@ -239,3 +239,42 @@ def test_chunked_bake_is_identical_to_the_one_shot_bake(monkeypatch):
     assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]) and got[2] == ref[2]
     assert len(steps) > 10 and [s for s, _ in steps] == list(range(1, len(steps) + 1))
     assert steps[-1][0] == steps[-1][1]
+
+
+def test_codec_encode_in_a_killable_child_is_identical_and_cancellable(monkeypatch):
+    """With a cancel check (texture jobs), the CPU codec's encode runs in a child process: same
+    voxels as in-process, bad geometry still an OVoxelError, and a raising check kills it."""
+    import subprocess
+
+    import trimesh
+
+    from backend import ovoxel
+    from backend.pipelines.texturing import encode_mesh_shape
+
+    m = trimesh.creation.icosphere(3, 0.4)
+    v, f = np.asarray(m.vertices, np.float32), np.asarray(m.faces)
+    ref = ovoxel.encode_shape(v, f, 64, outside="clip")
+    got = encode_mesh_shape(v, f, 64, "cpu", tick=lambda: None)
+    for name in ("coords", "dual_vertices", "intersected"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
+    bad = f.copy()
+    bad[0, 0] = 10 ** 6
+    with pytest.raises(ovoxel.OVoxelError, match="out of range"):
+        encode_mesh_shape(v, bad, 64, "cpu", tick=lambda: None)
+    children = []
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+
+    class Stop(Exception):
+        pass
+
+    def cancel():
+        raise Stop
+
+    import backend.killable as K
+
+    real_run = K.run_killable
+    monkeypatch.setattr(K, "run_killable", lambda argv, tick, log, poll_s=0.05: real_run(argv, tick, log, 0.0))
+    with pytest.raises(Stop):
+        encode_mesh_shape(v, f, 64, "cpu", tick=cancel)
+    assert len(children) == 1 and children[0].poll() is not None
