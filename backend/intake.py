@@ -110,15 +110,15 @@ def validated_png(data: bytes | memoryview, check: Callable[[], None] | None = N
     """
     from PIL import Image
 
-    from .pipelines.preprocess import load_image
+    from .pipelines.preprocess import MAX_PIXELS, load_image
 
     check_image_bytes(data)
     if check is not None:
-        try:
-            w, h = Image.open(io.BytesIO(bytes(data[:1 << 20]) if len(data) > 1 << 20 else bytes(data))).size
+        try:  # the size from the header only (the first MiB holds it for every accepted format)
+            w, h = Image.open(io.BytesIO(bytes(data[:1 << 20]))).size
         except Exception:  # noqa: BLE001 - the full decode below reports it properly
             w = h = 0
-        if w * h > CHILD_PIXELS:
+        if CHILD_PIXELS < w * h <= MAX_PIXELS:   # (a bomb is refused below before any decoding)
             return _validated_png_in_child(data, check)
     try:
         img = load_image(bytes(data))
