@@ -278,3 +278,45 @@ def test_codec_encode_in_a_killable_child_is_identical_and_cancellable(monkeypat
     with pytest.raises(Stop):
         encode_mesh_shape(v, f, 64, "cpu", tick=cancel)
     assert len(children) == 1 and children[0].poll() is not None
+
+
+def test_cancel_while_the_bake_fill_runs(monkeypatch):
+    """The nearest-texel distance transform (one long scipy call) runs in a helper thread: a cancel
+    while it runs is seen by the 50 ms check, without waiting for it to finish."""
+    import threading
+
+    from scipy import ndimage
+
+    from backend.pipelines import bake
+
+    rng = np.random.default_rng(0)
+    uv = rng.random((200, 1, 2)) * 0.9 + (rng.random((200, 3, 2)) - 0.5) * 0.05
+    v, f = rng.random((600, 3)) - 0.5, np.arange(600).reshape(200, 3)
+    coords = np.unique(rng.integers(0, 16, (300, 3)), axis=0)
+    attrs = rng.random((len(coords), 6), dtype=np.float32)
+    entered, release = threading.Event(), threading.Event()
+    real = ndimage.distance_transform_edt
+
+    def slow_edt(*a, **k):                      # stands for a multi-second transform at 4096²
+        entered.set()
+        assert release.wait(10)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ndimage, "distance_transform_edt", slow_edt)
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        if entered.is_set():
+            raise Stop
+
+    try:
+        with pytest.raises(Stop):
+            bake.bake_pbr(v, f, uv, coords, attrs, 16, 64, check=check)
+    finally:
+        release.set()
+    assert entered.is_set()
+    base, mr, cov = bake.bake_pbr(v, f, uv, coords, attrs, 16, 64, check=lambda: None)    # unchanged otherwise
+    ref = bake.bake_pbr(v, f, uv, coords, attrs, 16, 64)
+    assert np.array_equal(base, ref[0]) and np.array_equal(mr, ref[1]) and cov == ref[2]

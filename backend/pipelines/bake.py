@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from typing import Any, Callable
 
 import numpy as np
@@ -176,9 +177,42 @@ def _sampler(coords: np.ndarray, attrs: np.ndarray, resolution: int, device: Any
     return lambda pts: s.sample(np.asarray(pts, np.float32))
 
 
+def _nearest_filled(filled: np.ndarray, check: Callable[[], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Row / column index of the nearest filled texel of every texel (exact Euclidean distance
+    transform). With ``check`` it runs in a helper thread (scipy releases the GIL) and ``check()``
+    is called every 50 ms; when it raises, the result is abandoned (the thread ends on its own)."""
+    from scipy import ndimage
+
+    def edt() -> tuple[np.ndarray, np.ndarray]:
+        _, (iy, ix) = ndimage.distance_transform_edt(~filled, return_indices=True)
+        return iy, ix
+
+    if check is None:
+        return edt()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["out"] = edt()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["err"] = e
+
+    t = threading.Thread(target=work, name="trellis2-bake-fill", daemon=True)
+    t.start()
+    while True:
+        t.join(0.05)
+        if not t.is_alive():
+            break
+        check()
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
 def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coords: np.ndarray, attrs: np.ndarray,
              resolution: int, size: int, device: Any = None,
-             progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+             progress: Callable[[int, int], None] | None = None,
+             check: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Bake O-Voxel PBR attributes into UV space, in chunks.
 
     Args:
@@ -188,6 +222,8 @@ def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coord
         size: texture size.
         progress: ``progress(step, total)`` after every chunk (rasterisation by face groups, then
             sampling by texel groups, then the fill); it may raise to stop the bake (a cancel).
+        check: called every 50 ms while the nearest-texel distance transform runs (one scipy call,
+            seconds at 4096², run in a helper thread); it may raise (a cancel) to stop waiting.
     Returns:
         ``(base_color RGBA uint8, metallicRoughness uint8, coverage)``; every texel a triangle covers
         gets the sparse-trilinear sample at its barycentric 3D position, the rest the nearest one.
@@ -245,9 +281,7 @@ def bake_pbr(unit_vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, coord
     # empty texels take the nearest covered texel's value (fill_empty_texels, margin None), the
     # gather and the packing done by row bands so that progress / cancel keep coming
     try:
-        from scipy import ndimage
-
-        _, (iy, ix) = ndimage.distance_transform_edt(~filled, return_indices=True)
+        iy, ix = _nearest_filled(filled, check)
     except ImportError:  # pragma: no cover - scipy is a backend dependency
         img, iy, ix = fill_empty_texels(img, filled), None, None
     tick()

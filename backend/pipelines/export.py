@@ -134,5 +134,5 @@ def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int 
     uv = uvs[f2]
     report("bake", 0, 1)
     base, mr, _ = bake_pbr(v2, f2, uv, result.coords, result.attrs, result.resolution, int(texture_size), device,
-                           progress=lambda step, total: report("bake", step, total))
+                           progress=lambda step, total: report("bake", step, total), check=check)
     return v2.astype(np.float32), f2.astype(np.int32), uv.astype(np.float32), base, mr

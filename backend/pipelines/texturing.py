@@ -147,7 +147,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
         del tv, tex, shape, hierarchy
     with run.stage_ctx("bake"):
         base, mr, coverage = bake_pbr(unit, geo_f, uv, coords_np, attrs, res, int(texture_size), pipe.device,
-                                      progress=run.step_callback)  # chunked: progress + cancel per chunk
+                                      progress=run.step_callback, check=run.check)  # chunked: cancel per chunk
     return TextureResult(base_color=base, metallic_roughness=mr, vertices=out_v, faces=np.asarray(out_f, np.int32),
                          uvs=uv.astype(np.float32), uv_created=uv_created, resolution=res,
                          coords=np.asarray(coords_np, np.int32), attrs=attrs,
