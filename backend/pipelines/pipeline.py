@@ -407,7 +407,7 @@ class Trellis2Pipelines:
                    "attrs": attrs.cpu().numpy().astype(np.float32)}
         with run.stage_ctx("mesh"):
             verts, faces = fdg_to_mesh(out["coords"], out["dual_vertices"], out["intersected"],
-                                       out["split_weight"], res, device=self.device)
+                                       out["split_weight"], res, device=self.device, tick=run.check)
             out["vertices"], out["faces"] = verts, faces
         return out
 
@@ -578,9 +578,13 @@ def extract_mesh_on(device: torch.device, coords: np.ndarray, dual_vertices: np.
 HOLE_PERIMETER = 0.03
 
 
+#: on the CPU, outputs with more voxels than this are meshed in a killable child when a cancel check is given
+MESH_CHILD_VOXELS = 200_000
+
+
 def fdg_to_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.ndarray, split_weight: np.ndarray,
-                res: int, device: torch.device | str | None = None, fill_holes: float = HOLE_PERIMETER
-                ) -> tuple[np.ndarray, np.ndarray]:
+                res: int, device: torch.device | str | None = None, fill_holes: float = HOLE_PERIMETER,
+                tick: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Flexible-dual-grid mesh extraction (float32 vertices, int32 faces), then the official hole filling.
 
     Official quads and γ split rule; the codec's clean mode additionally orients the faces
@@ -588,15 +592,23 @@ def fdg_to_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
     runs in ``kernels.extract_mesh`` (same faces as the codec), elsewhere in the numpy codec (the
     faster of the two on a CPU). Boundary loops shorter than ``fill_holes`` are closed as the official
     ``Mesh.fill_holes`` does (0 disables). Vertices are clipped to ``[-0.5, 0.5]³`` (the decoder's
-    dual vertices may lie up to half a voxel outside the grid).
+    dual vertices may lie up to half a voxel outside the grid). With ``tick`` (a cancel check), a big
+    CPU extraction runs in a child process that a raising ``tick`` kills.
     """
     from .. import ovoxel
+    from ..killable import call_in_child
+    from .mesh_child import codec_mesh
 
     if device is not None and torch.device(device).type == "cuda":
         v, f = extract_mesh_on(torch.device(device), coords, dual_vertices, intersected, split_weight, res)
+        if fill_holes > 0:
+            v, f = ovoxel.fill_small_holes(v, f, fill_holes)
+    elif tick is not None and len(coords) > MESH_CHILD_VOXELS:
+        out = call_in_child("pipelines.mesh_child", "codec_mesh", [coords, dual_vertices, intersected, split_weight],
+                            {"resolution": int(res), "fill_holes": float(fill_holes)}, ("vertices", "faces"), tick)
+        v, f = out["vertices"], out["faces"]
     else:
-        v, f = ovoxel.decode_mesh(coords, dual_vertices, intersected, split_weight, resolution=res)
-    if fill_holes > 0:
-        v, f = ovoxel.fill_small_holes(v, f, fill_holes)
+        m = codec_mesh(coords, dual_vertices, intersected, split_weight, resolution=res, fill_holes=fill_holes)
+        v, f = m.vertices, m.faces
     # decoder dual vertices may sit up to half a voxel outside the grid: keep the mesh in the unit cube
     return np.clip(np.asarray(v, np.float32), -0.5, 0.5), np.asarray(f, np.int32)
