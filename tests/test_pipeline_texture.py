@@ -251,6 +251,7 @@ def test_codec_encode_in_a_killable_child_is_identical_and_cancellable(monkeypat
     from backend import ovoxel
     from backend.pipelines.texturing import encode_mesh_shape
 
+    monkeypatch.setattr("backend.pipelines.texturing.ENCODE_CHILD_RESOLUTION", 64)
     m = trimesh.creation.icosphere(3, 0.4)
     v, f = np.asarray(m.vertices, np.float32), np.asarray(m.faces)
     ref = ovoxel.encode_shape(v, f, 64, outside="clip")

@@ -30,6 +30,8 @@ __all__ = ["run_texturing", "normalize_to_unit_cube", "encode_mesh_shape"]
 log = logging.getLogger(__name__)
 
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
+#: grids from this resolution up are encoded on the CPU in a killable child when a cancel check is given
+ENCODE_CHILD_RESOLUTION = 512
 
 
 def normalize_to_unit_cube(v: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -75,7 +77,7 @@ def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, 
                         type(e).__name__, e)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    if tick is None:
+    if tick is None or resolution < ENCODE_CHILD_RESOLUTION:
         return ovoxel.encode_shape(vertices, faces, resolution, outside="clip")
     # the codec's encode is seconds of numpy at R=1024: in a child that a cancel (tick) kills
     try:
