@@ -33,6 +33,16 @@ class BadInput(Trellis2Error, ValueError):
 
     code = "bad_input"
 
+    def __init__(self, message: str, *, advice: str | None = None, field: str | None = None) -> None:
+        super().__init__(message, advice=advice)
+        #: the request field (or config entry) at fault, e.g. ``"seed"``, ``"stage_params.shape_slat.steps"``
+        self.field = field
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["field"] = self.field
+        return d
+
 
 class MissingWeights(Trellis2Error, FileNotFoundError):
     """Model files are missing; ``missing`` lists every expected path that was not found."""
@@ -63,14 +73,20 @@ class OutOfMemory(Trellis2Error, MemoryError):
 
 
 class NumericalError(Trellis2Error):
-    """A model produced NaN/Inf (typically fp16 overflow in a network trained in bf16)."""
+    """A model produced NaN/Inf: typically fp16 overflow in a network trained in bf16 (``precision_related``),
+    or, when it already computed in fp32, bad parameters or damaged weights (more precision won't help)."""
 
     code = "numerical"
 
-    def __init__(self, message: str, *, stage: str | None = None, advice: str | None = None) -> None:
+    def __init__(self, message: str, *, stage: str | None = None, advice: str | None = None,
+                 precision_related: bool = True) -> None:
         super().__init__(message, advice=advice or (
-            "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again."))
+            "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again."
+            if precision_related else
+            "Computed in fp32 already, so not a precision problem: check guidance/steps, or re-download "
+            "the model files."))
         self.stage = stage
+        self.precision_related = precision_related
 
 
 class Cancelled(Trellis2Error):

@@ -13,7 +13,9 @@ cancel, typed errors, resumable state in the job folder, results as arrays. The 
 * ``busy_s`` (float): block without checking cancel for that long (an uncancellable C call);
 * ``noise`` (bool): write junk to fd 1 / ``print`` / a child's stdout mid-job (stream protection);
 * ``garbage`` (bool): write non-frame bytes onto the protocol stream (the client must resync);
-* ``truncate`` (bool): write half a frame, then exit with code 3.
+* ``truncate`` (bool): write half a frame, then exit with code 3;
+* ``oversize`` (bool): write the header of a frame declaring a payload of 1 TiB that never comes
+  (over any reader's limit), then go on (the client must report it and keep reading).
 """
 
 from __future__ import annotations
@@ -88,6 +90,14 @@ class FakeRunner:
                 if s.get("garbage") and si == 0 and step == 1:
                     # corrupt bytes on the protocol stream itself: the client must survive them
                     ctx.server.writer.send_raw(b"\x00garbage-not-a-frame\xff" * 3)
+                if s.get("oversize") and si == 0 and step == 1:
+                    import json
+
+                    from . import protocol
+
+                    head = json.dumps({"type": "log", "level": "info", "text": "never"}).encode()
+                    ctx.server.writer.send_raw(protocol.FIXED.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 0,
+                                                                   len(head), 1 << 40) + head)
                 if s.get("truncate") and si == 0 and step == 1:
                     # half a frame, then die: the client must report a truncated stream + the exit
                     from . import protocol

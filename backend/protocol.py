@@ -26,7 +26,9 @@ the protocol version, ``header_len <= max_header``, ``payload_len <= max_payload
 (object, known ``type``), and every array spec (allowed dtype, ``ndim``, non-negative dims, ``nbytes ==
 prod(shape) * itemsize``, inside the payload, no overlap). Bad frames raise :class:`ProtocolError`;
 :class:`FrameReader` then skips the bad frame (or re-synchronises on the next magic) so one bad frame
-never kills either side.
+never kills either side. A frame whose fixed header already breaks a limit (payload or header size)
+is never read or skipped by its declared lengths (the bytes may never come): the reader reports it
+at once, with the job id when the header is at hand, and re-synchronises on the next magic.
 
 Message types
 -------------
@@ -86,7 +88,7 @@ ERROR_KINDS: tuple[str, ...] = (
 # unknown stage name is still valid). Cascades use shape_slat_lr / upsample / shape_slat_hr.
 STAGES: tuple[str, ...] = (
     "preprocess", "cond", "sparse_structure", "shape_slat", "shape_slat_lr", "upsample", "shape_slat_hr",
-    "tex_slat", "decode", "postprocess", "bake")
+    "tex_slat", "decode", "postprocess", "unwrap", "bake")
 
 
 _HAVE_READV = hasattr(os, "readv")
@@ -351,6 +353,23 @@ class FrameReader:
             n -= k
         return True
 
+    def _peek_job_available(self, hlen: int) -> str | None:
+        """The job id of a rejected frame's JSON header, from the bytes already read ahead plus at
+        most one read of what the stream has now (never waits for the whole header); every byte
+        stays pending, so the re-synchronisation sees it."""
+        want = hlen - len(self._pending)
+        if want > 0:
+            try:
+                if self._fd is not None:
+                    self._pending += os.read(self._fd, want)
+                else:
+                    chunk = bytearray(want)
+                    n = self._stream.readinto(chunk) or 0  # type: ignore[union-attr]
+                    self._pending += chunk[:n]
+            except OSError:
+                pass
+        return _peek_job(bytes(self._pending[:hlen]))
+
     def _scan_to_magic(self) -> bool:
         """Discard bytes up to the next MAGIC (kept pending). False at EOF."""
         buf = bytearray(self._pending)
@@ -383,14 +402,25 @@ class FrameReader:
             self.errors += 1
             raise ProtocolError(f"truncated frame: stream ended after {got} of {FIXED_SIZE} header bytes",
                                 fatal=True)
-        magic, _version, _flags, hlen, plen = FIXED.unpack(fixed)
-        if magic != MAGIC or not 0 < hlen <= self.max_header or plen > _MAX_SKIP:
-            # untrustworthy framing: drop the first byte, look for the next magic on the next call
+        magic, version, _flags, hlen, plen = FIXED.unpack(fixed)
+        if (magic != MAGIC or version != PROTOCOL_VERSION or not 0 < hlen <= self.max_header
+                or plen > min(self.max_payload, _MAX_SKIP)):
+            # Untrustworthy framing (another protocol version frames differently; a false magic met
+            # while re-synchronising rarely has our version) or a payload over the limit: nothing of
+            # it is read or skipped by its declared lengths (the payload may never come, and later
+            # frames - a cancel - must still get through). Drop the first byte and look for the next
+            # magic on the next call.
             self.errors += 1
+            job = self._peek_job_available(hlen) if magic == MAGIC and 0 < hlen <= self.max_header else None
             self._pending[:0] = fixed[1:]
             self._resync = True
-            _check_fixed(bytes(fixed), self.max_header, self.max_payload)  # raises the precise error
-            raise ProtocolError(f"declared payload of {plen} bytes is over the limit of {self.max_payload} bytes")
+            try:
+                _check_fixed(bytes(fixed), self.max_header, self.max_payload)  # raises the precise error
+            except ProtocolError as exc:
+                exc.job = job
+                raise
+            raise ProtocolError(f"declared payload of {plen} bytes is over the limit of {self.max_payload} bytes",
+                                job=job)
         hbuf = bytearray(hlen)
         if self._read_exact(memoryview(hbuf)) < hlen:
             self.errors += 1
@@ -499,7 +529,8 @@ def describe_messages() -> dict[str, str]:
                   "device info (torch, cuda, device, gpu, vram_total, vram_used) when known",
         "progress": "job, stage (see STAGES), step, total, elapsed_s (job), stage_elapsed_s, eta_s (stage)",
         "result": "job, kind (mesh|textures|...), meta {...}, arrays {vertices, faces, ...}",
-        "error": "job (or null), kind (see ERROR_KINDS), message, advice, traceback_tail, log_tail",
+        "error": "job (or null), kind (see ERROR_KINDS), message, advice, traceback_tail, log_tail, "
+                 "field (bad_input: the request field at fault, when known)",
         "cancelled": "job, stage, step",
         "log": "level, text (throttled)",
         "pong": "echo of the ping's fields and arrays",

@@ -8,9 +8,12 @@ Process model (see docs/ARCHITECTURE.md and the add-on spec, part (b)):
   corrupt or steal protocol bytes.
 * **Threads.** A reader thread decodes frames: ``ping``/``cancel``/``shutdown`` are handled at
   once, jobs (``generate``/``texture``/``upscale``) and ``unload`` go to a FIFO queue. The main
-  thread is the worker: one job at a time. Cancel is cooperative: the reader sets the running job's
-  ``threading.Event``; the pipeline checks it at every sampler step (and :meth:`JobContext.progress`
-  checks it too), and the job ends with a ``cancelled`` message.
+  thread is the worker: one job at a time. A job request is validated (:mod:`backend.validation`)
+  before it is queued, and its id is reserved together with a job-wide cancel ``threading.Event``
+  the moment it arrives (a duplicate id is refused until the job has answered). Cancel is
+  cooperative: the reader sets that event; opening the job (image intake, storing the inputs), every
+  sampler step, :meth:`JobContext.progress`, the unwrap (a killable child process) and the chunked
+  bake check it, and the job ends with a ``cancelled`` message (never with a late result).
 * **Lifetime.** EOF on stdin means the add-on (Blender) is gone: the running job is cancelled and
   the process exits within ~1.5 s whatever the job is doing. ``--pdeathsig`` also asks Linux to
   SIGTERM us when the parent dies. Idle auto-unload (``--idle-unload MINUTES``) frees the models.
@@ -36,7 +39,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -44,6 +47,7 @@ from . import __version__
 from . import errors as _errors
 from . import jobs as _jobs
 from . import protocol as proto
+from .validation import validate_request
 
 log = logging.getLogger("backend.server")
 
@@ -59,14 +63,16 @@ _RUNNERS = {"pipelines": "PipelineRunner", "fake": "fake"}
 class JobContext:
     """What a runner gets for one job: the request, its folder, progress and cancel plumbing."""
 
-    def __init__(self, server: "Server", msg: dict[str, Any], job: _jobs.Job) -> None:
+    def __init__(self, server: "Server", msg: dict[str, Any], job: _jobs.Job,
+                 cancel: threading.Event | None = None) -> None:
         self.server = server
         self.msg = msg
         self.kind: str = msg["type"]
         self.job_id: str = msg["job"]
         self.arrays: dict[str, np.ndarray] = msg.get("arrays") or {}
         self.job = job
-        self.cancel = threading.Event()
+        #: the job-wide cancel flag: the one the server reserved with the job id when it arrived
+        self.cancel = cancel if cancel is not None else threading.Event()
         self.started = time.monotonic()
         self.stage: str | None = None
         self.step = 0
@@ -121,6 +127,11 @@ class Runner(Protocol):
     def unload(self) -> None:
         """Free models and device memory."""
 
+    def prepare_image(self, data: bytes, check: Callable[[], None] | None = None) -> bytes:
+        """Optional: the checked, re-encoded input image to store (raise ``BadInput`` if unusable;
+        ``check()`` raises on cancel and may be called while it works); without it the server
+        stores the bytes as read (after its own format sniff)."""
+
 
 class PipelineRunner:
     """Adapter from protocol requests to :mod:`backend.pipelines` (the real TRELLIS.2 pipelines)."""
@@ -137,6 +148,14 @@ class PipelineRunner:
         from .selftest import device_info
 
         return device_info()
+
+    @staticmethod
+    def prepare_image(data: bytes, check: Callable[[], None] | None = None) -> bytes:
+        """Decode and validate the image fully (bomb guard, 16-bit, EXIF); store the re-encoded PNG
+        (a big image in a child process that a cancel kills)."""
+        from .intake import validated_png
+
+        return validated_png(data, check)
 
     def vram_used(self) -> int | None:
         try:
@@ -190,7 +209,7 @@ class PipelineRunner:
                                 seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)),
                                 background=background_policy(s), **common)
             res.state.save(ctx.job.root / "state")
-            arrays = _generation_arrays(res, s)
+            arrays = _generation_arrays(res, s, ctx)
             arrays["preprocessed"] = np.ascontiguousarray(res.state.image, np.uint8)
             return "mesh", {**_generation_meta(res), "background": res.preprocess_info}, arrays
         if ctx.kind == "cutout":  # preview of what the model will see: only the preprocess stage runs
@@ -205,7 +224,7 @@ class PipelineRunner:
             state = JobState.load(src.root / "state")
             res = pipe.upscale(state, **common)
             res.state.save(ctx.job.root / "state")
-            return "mesh", _generation_meta(res), _generation_arrays(res, s)
+            return "mesh", _generation_meta(res), _generation_arrays(res, s, ctx)
         if ctx.kind == "texture":
             a = ctx.arrays
             for key in ("vertices", "faces"):
@@ -258,18 +277,14 @@ def background_policy(msg: dict[str, Any]) -> str:
 
 
 def _load_image(ctx: JobContext):
-    """The job's input image as a PIL RGBA/RGB image (from the job folder; inputs were saved first)."""
-    from PIL import Image
+    """The job's input image as a PIL image (from the job folder; inputs were validated and saved
+    first; loaded with every guard again, for job folders written by older versions)."""
+    from .pipelines.preprocess import load_image
 
     path = ctx.job.image_path
     if not path.exists():
-        raise _errors.BadInput("The job has no input image.")
-    try:
-        img = Image.open(path)
-        img.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise _errors.BadInput(f"Cannot read the input image: {exc}") from exc
-    return img
+        raise _errors.BadInput("The job has no input image.", field="image")
+    return load_image(path)
 
 
 def _generation_meta(res: Any) -> dict[str, Any]:
@@ -278,7 +293,7 @@ def _generation_meta(res: Any) -> dict[str, Any]:
             "peak_memory": dict(res.peak_memory)}
 
 
-def _generation_arrays(res: Any, request: dict[str, Any]) -> dict[str, np.ndarray]:
+def _generation_arrays(res: Any, request: dict[str, Any], ctx: JobContext | None = None) -> dict[str, np.ndarray]:
     """The result arrays: the O-Voxel and its mesh; with ``output == "textures"`` the mesh is
     (optionally decimated to ``decimation_target`` faces,) UV-unwrapped and carries baked
     ``uvs [F,3,2]``, ``base_color [S,S,4]`` and glTF ``metallic_roughness [S,S,4]`` images."""
@@ -290,7 +305,8 @@ def _generation_arrays(res: Any, request: dict[str, Any]) -> dict[str, np.ndarra
 
         v, f, uv, base, mr = generation_to_textured_mesh(
             res, texture_size=int(request.get("texture_size") or 2048),
-            decimate=int(request.get("decimation_target") or 0) or None)
+            decimate=int(request.get("decimation_target") or 0) or None,
+            progress=ctx.progress if ctx is not None else None, check=ctx.check_cancel if ctx is not None else None)
         arrays.update(vertices=v, faces=f, uvs=uv, base_color=base, metallic_roughness=mr)
     return arrays
 
@@ -319,7 +335,8 @@ def classify_error(exc: BaseException) -> tuple[str, str, str | None]:
     if isinstance(exc, _errors.BadInput):
         return "bad_input", exc.message, exc.advice
     if isinstance(exc, _errors.NumericalError):
-        return "numerical", exc.message, exc.advice
+        # NaN/Inf in fp32 is not a precision problem: not "numerical" (whose fix is "use fp32")
+        return ("numerical" if getattr(exc, "precision_related", True) else "internal"), exc.message, exc.advice
     if isinstance(exc, _errors.Trellis2Error):
         return "internal", exc.message, exc.advice
     return "internal", f"{name}: {text}" if text else name, "See the backend log for details."
@@ -398,6 +415,9 @@ class Server:
         self._cv = threading.Condition()
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._current: JobContext | None = None
+        #: job id -> its cancel flag, from the moment the id arrives (queued, opening, running) until
+        #: the job's answer is sent; reserving the id here is what makes duplicates impossible
+        self._active: dict[str, threading.Event] = {}
         self._stopping = False
         self._exit_code = 0
         self._worker_done = threading.Event()
@@ -448,10 +468,14 @@ class Server:
         self.send(msg)
 
     def send_error(self, job: str | None, kind: str, message: str, advice: str | None = None,
-                   tb: str | None = None) -> None:
+                   tb: str | None = None, field: str | None = None) -> None:
+        """An ``error`` frame; ``field``: the request field at fault (``bad_input`` from validation)."""
         tail = read_log_tail(self.log_path) if self.log_path else list(self.tail.lines)[-_LOG_TAIL_LINES:] if self.tail else []
-        self.send({"type": "error", "job": job, "kind": kind, "message": message, "advice": advice,
-                   "traceback_tail": (tb or "").splitlines()[-25:], "log_tail": tail})
+        msg = {"type": "error", "job": job, "kind": kind, "message": message, "advice": advice,
+               "traceback_tail": (tb or "").splitlines()[-25:], "log_tail": tail}
+        if field:
+            msg["field"] = field
+        self.send(msg)
 
     # -- lifecycle
     def stop(self, code: int = 0) -> None:
@@ -460,8 +484,8 @@ class Server:
             self._stopping = True
             self._exit_code = code
             self._queue.clear()
-            if self._current is not None:
-                self._current.cancel.set()
+            for flag in self._active.values():
+                flag.set()
             self._cv.notify_all()
 
     def run(self) -> int:
@@ -537,12 +561,17 @@ class Server:
             if not _jobs.valid_job_id(job):
                 self.send_error(job if isinstance(job, str) else None, "bad_input", f"Invalid job id {job!r}.")
                 return
+            try:  # every field's type and range, before the job is queued (a retry may omit fields)
+                msg = validate_request(msg, partial=True)
+            except _errors.BadInput as exc:
+                self.send_error(job, "bad_input", exc.message, exc.advice, field=exc.field)
+                return
             with self._cv:
-                busy = {m.get("job") for m in self._queue} | ({self._current.job_id} if self._current else set())
-                if job in busy:
-                    dup = True
-                else:
-                    dup = False
+                # the id is reserved atomically with its cancel flag: a duplicate is refused from
+                # now until the job's answer has been sent, whatever phase the job is in
+                dup = job in self._active
+                if not dup:
+                    self._active[job] = threading.Event()
                     self._queue.append(msg)
                     self._cv.notify_all()
             if dup:
@@ -562,9 +591,12 @@ class Server:
                 else:
                     keep.append(m)
             self._queue = keep
-            cur = self._current
-            if cur is not None and (job is None or cur.job_id == job):
-                cur.cancel.set()
+            for jid in dropped:
+                self._active.pop(jid, None)
+            # jobs past the queue (being opened or running): their job-wide flag
+            for jid, flag in self._active.items():
+                if job is None or jid == job:
+                    flag.set()
         for jid in dropped:
             self._mark(jid, "cancelled")
             self.send({"type": "cancelled", "job": jid, "stage": None, "step": 0, "queued": True})
@@ -611,42 +643,75 @@ class Server:
             self.send_error(None, "internal", f"Unload failed: {exc}", tb=traceback.format_exc())
         self.send_status("ready", unloaded=reason)
 
-    def _open_job(self, msg: dict[str, Any]) -> _jobs.Job:
-        """Create/reopen the job folder and store its inputs before anything runs."""
-        settings = {k: v for k, v in msg.items() if k not in ("type", "job", "arrays")}
-        job = self.store.open(msg["job"], kind=msg["type"], settings=settings)
+    def _read_image(self, msg: dict[str, Any], check: Callable[[], None]) -> bytes | None:
+        """The request's image, read and validated in memory (nothing is stored yet): the PNG bytes
+        the add-on sent or the named file, checked by the runner's ``prepare_image`` when it has one."""
+        from .intake import check_image_bytes, read_image_source
+
         arrays = msg.get("arrays") or {}
         if "image_png" in arrays:
-            job.save_image_bytes(arrays["image_png"])
+            data = memoryview(np.ascontiguousarray(arrays["image_png"], dtype=np.uint8)).cast("B")
+            check_image_bytes(data, "The image the add-on sent")
         elif isinstance(msg.get("image"), str) and msg["image"]:
-            src = Path(msg["image"])
-            if not src.is_file():
-                raise _errors.BadInput(f"Input image not found: {src}")
-            job.save_image_file(src)
-        elif msg["type"] == "upscale":
-            src_job = self.store.get(str(msg.get("source_job")))
+            data = read_image_source(msg["image"])
+        else:
+            return None
+        prepare = getattr(self.runner, "prepare_image", None)
+        return bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data)
+
+    def _open_job(self, msg: dict[str, Any], cancel: threading.Event) -> _jobs.Job:
+        """Validate the inputs, then create/reopen the job folder and store them (in that order, so
+        a bad input or a cancel leaves nothing half-written). Cancel is honoured between steps."""
+        def check() -> None:
+            if cancel.is_set():
+                raise _errors.Cancelled(stage="opening")
+
+        check()
+        if self.store.get(msg["job"]) is None:
+            validate_request(msg)  # a new job: complete now (a retry completes from its stored settings)
+        image = self._read_image(msg, check)
+        src_job = None
+        if msg["type"] == "upscale" and image is None and msg.get("source_job") is not None:
+            src_job = self.store.get(validate_request(msg, partial=True)["source_job"])
             if src_job is None:
-                raise _errors.BadInput(f"Unknown source job {msg.get('source_job')!r} for upscale.")
+                raise _errors.BadInput(f"Unknown source job {msg.get('source_job')!r} for upscale.", field="source_job")
+            src_settings = src_job.meta().get("settings", {})
+            if not isinstance(src_settings, dict):
+                raise _errors.BadInput(f"The source job {src_job.id} has a malformed job.json (settings).",
+                                       field="source_job")
+        arrays = msg.get("arrays") or {}
+        mesh = {k: v for k, v in arrays.items() if k != "image_png"}
+        check()
+        settings = {k: v for k, v in msg.items() if k not in ("type", "job", "arrays")}
+        job = self.store.open(msg["job"], kind=msg["type"], settings=settings)
+        if image is not None:
+            job.save_image_bytes(image)
+        elif src_job is not None:
             if src_job.image_path.exists() and not job.image_path.exists():
                 job.save_image_file(src_job.image_path)
             job.update(source_job=src_job.id, seed=src_job.meta().get("settings", {}).get("seed"))
-        mesh = {k: v for k, v in arrays.items() if k != "image_png"}
+        check()
         if mesh:
             job.save_mesh(mesh)
         elif job.mesh_path.exists() and msg["type"] == "texture":
             msg.setdefault("arrays", {}).update(job.load_mesh())   # retry: reuse the stored mesh
         # Retry: fields the request leaves out come from the job's stored settings (seed, type...)
-        for key, value in job.meta().get("settings", {}).items():
+        stored = job.meta().get("settings", {})
+        for key, value in (stored.items() if isinstance(stored, dict) else ()):
             if key != "image":
                 msg.setdefault(key, value)
+        msg.update(validate_request(msg))  # the merged request, stored settings included
+        check()
         return job
 
     def _run_job(self, msg: dict[str, Any]) -> None:
         job_id = msg["job"]
         ctx: JobContext | None = None
+        with self._cv:
+            cancel = self._active.setdefault(job_id, threading.Event())
         try:
-            job = self._open_job(msg)
-            ctx = JobContext(self, msg, job)
+            job = self._open_job(msg, cancel)
+            ctx = JobContext(self, msg, job, cancel)
             with self._cv:
                 if self._stopping:
                     return
@@ -655,6 +720,7 @@ class Server:
             self.send_status("busy")
             log.info("job %s (%s) started", job_id, msg["type"])
             kind, meta, arrays = self.runner.run(ctx)
+            ctx.check_cancel()  # a cancel that came during the last, uncheckable step: no result
             meta = dict(meta or {})
             meta["elapsed_s"] = round(time.monotonic() - ctx.started, 3)
             if not msg.get("no_store"):
@@ -670,8 +736,8 @@ class Server:
             if kind == "cancelled":
                 log.info("job %s cancelled", job_id)
                 self._mark(job_id, "cancelled")
-                self.send({"type": "cancelled", "job": job_id, "stage": ctx.stage if ctx else None,
-                           "step": ctx.step if ctx else 0})
+                self.send({"type": "cancelled", "job": job_id,
+                           "stage": ctx.stage if ctx else getattr(exc, "stage", None), "step": ctx.step if ctx else 0})
             else:
                 log.error("job %s failed (%s): %s", job_id, kind, message, exc_info=kind == "internal")
                 if kind == "oom":
@@ -680,10 +746,12 @@ class Server:
                     except Exception:  # noqa: BLE001
                         log.exception("unload after OOM failed")
                 self._mark(job_id, "failed", error={"kind": kind, "message": message})
-                self.send_error(job_id, kind, message, advice, traceback.format_exc())
+                self.send_error(job_id, kind, message, advice, traceback.format_exc(),
+                                field=getattr(exc, "field", None))
         finally:
             with self._cv:
                 self._current = None
+                self._active.pop(job_id, None)
             if not self._stopping:
                 self.send_status("ready")
 

@@ -270,3 +270,55 @@ def test_no_tensor_leaks_across_repeated_jobs(pipe, image):
     round_()
     round_()
     assert live() == before
+
+
+def test_cancel_is_honoured_while_a_checkpoint_loads(tiny_dir, image):
+    """Models load lazily inside their stage: a cancel that arrives as the stage starts stops the
+    checkpoint load itself (tensor by tensor), and the half-loaded model is not kept."""
+    p = load_pipeline(tiny_dir, device="cpu")
+    cancel = threading.Event()
+
+    def progress(stage, step, total, elapsed):
+        if stage == "sparse_structure" and step == 0:
+            cancel.set()
+
+    with pytest.raises(Cancelled) as info:
+        p.generate(image, "512", seed=1, progress=progress, cancel=cancel)
+    assert info.value.stage == "sparse_structure"
+    assert "sparse_structure_flow_model" not in p.models.models
+    cancel.clear()
+    assert p.generate(image, "512", seed=1, stage_params={k: {"steps": 1} for k in
+                                                          ("sparse_structure", "shape_slat", "tex_slat")}).num_voxels
+
+
+def test_cpu_mesh_extraction_in_a_killable_child(monkeypatch):
+    """Big CPU outputs are meshed in a child when a cancel check is given: identical mesh, and a
+    raising check kills the child (the 'mesh' stage no longer ignores a cancel for seconds)."""
+    import subprocess
+
+    import trimesh
+
+    import backend.killable as K
+    from backend import ovoxel
+    from backend.pipelines import pipeline as PL
+
+    m = trimesh.creation.icosphere(3, 0.4)
+    enc = ovoxel.encode_shape(np.asarray(m.vertices, np.float32), np.asarray(m.faces), 64)
+    split = np.ones((len(enc.coords), 1), np.float32)
+    args = (enc.coords, enc.dual_vertices, enc.intersected, split, 64)
+    ref_v, ref_f = PL.fdg_to_mesh(*args)
+    monkeypatch.setattr(PL, "MESH_CHILD_VOXELS", 0)
+    v, f = PL.fdg_to_mesh(*args, tick=lambda: None)
+    assert np.array_equal(v, ref_v) and np.array_equal(f, ref_f) and len(f) > 100
+    children = []
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+    real_run = K.run_killable
+    monkeypatch.setattr(K, "run_killable", lambda argv, tick, log, poll_s=0.05: real_run(argv, tick, log, 0.0))
+
+    def cancel():
+        raise Cancelled(stage="mesh")
+
+    with pytest.raises(Cancelled):
+        PL.fdg_to_mesh(*args, tick=cancel)
+    assert len(children) == 1 and children[0].poll() is not None

@@ -246,3 +246,128 @@ def test_uv_layout_stats_tell_tiling_and_stacked_layouts():
     assert tiled.in_range < 0.2 and "outside 0–1" in tiled.problem()
     stacked = uv_layout_stats(np.broadcast_to(uv[:1], uv.shape))   # every face on the same cell
     assert stacked.in_range == 1.0 and stacked.overlap > 0.9 and "overlapping" in stacked.problem()
+
+
+def test_texture_job_cancel_is_honoured_inside_the_bake(pipe, monkeypatch):
+    """The bake is chunked: a cancel that arrives mid-bake stops it at the next chunk (it used to be
+    seen only when the whole bake had finished)."""
+    import threading
+
+    from backend.errors import Cancelled
+
+    monkeypatch.setattr("backend.pipelines.bake.BAKE_CHUNK", 1 << 10)
+    v, f, uv = _box_with_uvs()
+    cancel, seen = threading.Event(), []
+
+    def progress(stage, step, total, elapsed):
+        seen.append((stage, step, total))
+        if stage == "bake" and step == 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled) as info:
+        pipe.texture(v, f, object_rgba(), uvs=uv, seed=3, resolution=256, texture_size=128,
+                     progress=progress, cancel=cancel)
+    assert info.value.stage == "bake" and seen[-1][:2] == ("bake", 2) and seen[-1][2] > 4
+
+
+def test_chunked_bake_is_identical_to_the_one_shot_bake(monkeypatch):
+    from backend import ovoxel
+    from backend.ovoxel.uvbake import bake_attributes
+    from backend.pipelines import bake
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    uv = rng.random((n, 1, 2)) * 0.95 + (rng.random((n, 3, 2)) - 0.5) * 0.05   # overlapping triangles
+    v = rng.random((n * 3, 3)) - 0.5
+    f = np.arange(n * 3).reshape(n, 3)
+    coords = np.unique(rng.integers(0, 32, (2000, 3)), axis=0)
+    attrs = rng.random((len(coords), 6), dtype=np.float32)
+    monkeypatch.setattr(bake, "BAKE_CHUNK", 1 << 11)
+    steps = []
+    got = bake.bake_pbr(v, f, uv, coords, attrs, 32, 256, progress=lambda s, t: steps.append((s, t)))
+    ref = bake_attributes(v, f, uv, 256, lambda p: ovoxel.sample_attributes(coords, attrs, 32, ovoxel.DEFAULT_AABB, p))
+    assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1]) and got[2] == ref[2]
+    assert len(steps) > 10 and [s for s, _ in steps] == list(range(1, len(steps) + 1))
+    assert steps[-1][0] == steps[-1][1]
+
+
+def test_codec_encode_in_a_killable_child_is_identical_and_cancellable(monkeypatch):
+    """With a cancel check (texture jobs), the CPU codec's encode runs in a child process: same
+    voxels as in-process, bad geometry still an OVoxelError, and a raising check kills it."""
+    import subprocess
+
+    import trimesh
+
+    from backend import ovoxel
+    from backend.pipelines.texturing import encode_mesh_shape
+
+    monkeypatch.setattr("backend.pipelines.texturing.ENCODE_CHILD_RESOLUTION", 64)
+    m = trimesh.creation.icosphere(3, 0.4)
+    v, f = np.asarray(m.vertices, np.float32), np.asarray(m.faces)
+    ref = ovoxel.encode_shape(v, f, 64, outside="clip")
+    got = encode_mesh_shape(v, f, 64, "cpu", tick=lambda: None)
+    for name in ("coords", "dual_vertices", "intersected"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
+    bad = f.copy()
+    bad[0, 0] = 10 ** 6
+    with pytest.raises(ovoxel.OVoxelError, match="out of range"):
+        encode_mesh_shape(v, bad, 64, "cpu", tick=lambda: None)
+    children = []
+    real = subprocess.Popen
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: children.append(real(*a, **k)) or children[-1])
+
+    class Stop(Exception):
+        pass
+
+    def cancel():
+        raise Stop
+
+    import backend.killable as K
+
+    real_run = K.run_killable
+    monkeypatch.setattr(K, "run_killable", lambda argv, tick, log, poll_s=0.05: real_run(argv, tick, log, 0.0))
+    with pytest.raises(Stop):
+        encode_mesh_shape(v, f, 64, "cpu", tick=cancel)
+    assert len(children) == 1 and children[0].poll() is not None
+
+
+def test_cancel_while_the_bake_fill_runs(monkeypatch):
+    """The nearest-texel distance transform (one long scipy call) runs in a helper thread: a cancel
+    while it runs is seen by the 50 ms check, without waiting for it to finish."""
+    import threading
+
+    from scipy import ndimage
+
+    from backend.pipelines import bake
+
+    rng = np.random.default_rng(0)
+    uv = rng.random((200, 1, 2)) * 0.9 + (rng.random((200, 3, 2)) - 0.5) * 0.05
+    v, f = rng.random((600, 3)) - 0.5, np.arange(600).reshape(200, 3)
+    coords = np.unique(rng.integers(0, 16, (300, 3)), axis=0)
+    attrs = rng.random((len(coords), 6), dtype=np.float32)
+    entered, release = threading.Event(), threading.Event()
+    real = ndimage.distance_transform_edt
+
+    def slow_edt(*a, **k):                      # stands for a multi-second transform at 4096²
+        entered.set()
+        assert release.wait(10)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ndimage, "distance_transform_edt", slow_edt)
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        if entered.is_set():
+            raise Stop
+
+    try:
+        with pytest.raises(Stop):
+            bake.bake_pbr(v, f, uv, coords, attrs, 16, 64, check=check)
+    finally:
+        release.set()
+    assert entered.is_set()
+    base, mr, cov = bake.bake_pbr(v, f, uv, coords, attrs, 16, 64, check=lambda: None)    # unchanged otherwise
+    ref = bake.bake_pbr(v, f, uv, coords, attrs, 16, 64)
+    assert np.array_equal(base, ref[0]) and np.array_equal(mr, ref[1]) and cov == ref[2]

@@ -299,3 +299,47 @@ def test_portable_paths_without_readv_or_writev(monkeypatch):
     t.join()
     assert np.array_equal(msg["arrays"]["a"], arr) and reader.read() is None
     os.close(r)
+
+
+@pytest.mark.parametrize("over", [1, 1 << 40])
+def test_payload_just_over_the_limit_never_blocks_the_reader(over):
+    """A frame declaring a payload above the limit (that never comes) is reported at once with its
+    job id, nothing of it is read by its declared length, and a cancel sent right after it still gets
+    through; the writer keeps the pipe open, so a reader waiting for the payload would block."""
+    limit = 1 << 20
+    r, w = os.pipe()
+    reader = P.FrameReader(r, max_payload=limit)
+    bad = _raw_frame({"type": "generate", "job": "big-1"}, plen=limit + over)
+    os.write(w, bad + _frame_bytes({"type": "cancel", "job": "big-1"}))
+    out: list = []
+
+    def read_two():
+        for _ in range(2):
+            try:
+                out.append(reader.read())
+            except P.ProtocolError as e:
+                out.append(e)
+
+    t = threading.Thread(target=read_two, daemon=True)
+    t.start()
+    t.join(5)
+    stuck = t.is_alive()
+    os.close(w)
+    t.join(5)
+    os.close(r)
+    assert not stuck, f"reader blocked on an over-limit frame: {out}"
+    err, msg = out
+    assert isinstance(err, P.ProtocolError) and not err.fatal and "over the limit" in str(err)
+    assert err.job == "big-1"
+    assert msg == {"type": "cancel", "job": "big-1"}
+
+
+def test_magic_inside_a_rejected_payload_does_not_swallow_the_next_frame():
+    """Re-synchronising through an over-limit payload that contains the magic (followed by random
+    bytes, as in array data) still delivers the next real frame."""
+    rng = np.random.default_rng(3)
+    payload = b"".join(P.MAGIC + rng.integers(0, 256, 60, dtype=np.uint8).tobytes() for _ in range(50))
+    bad = _raw_frame({"type": "result", "job": "j"}, payload)
+    out = _read_all(bad + _frame_bytes({"type": "ping", "n": 9}), max_payload=1024)
+    assert all(isinstance(o, P.ProtocolError) and not o.fatal for o in out[:-1])
+    assert out[0].job == "j" and out[-1] == {"type": "ping", "n": 9}

@@ -295,6 +295,29 @@ def test_bad_frames_from_the_backend_are_rejected_by_the_client(make_client):
     assert exited["rc"] == 3 and exited["jobs"] == [job] and c.state == "crashed"
 
 
+def test_frames_just_over_the_limit_never_stall_either_reader(make_client):
+    """Both directions: a frame declaring a payload over the reader's limit is reported at once and
+    the stream resynchronises on the next frame; a cancel sent right after still works."""
+    c = _started(make_client(max_payload=1 << 20))
+    # backend -> add-on: a header declaring 1 TiB that never comes, mid-job
+    job = c.generate(seed=5, steps=2, oversize=True, n_vertices=100)
+    msgs = _until(c, job)
+    errs = [m for m in msgs if m["type"] == "error"]
+    assert len(errs) == 1 and errs[0]["kind"] == "protocol" and "over the limit" in errs[0]["message"]
+    assert msgs[-1]["type"] == "result" and c.jobs[job].state == "done"
+    assert np.array_equal(msgs[-1]["arrays"]["vertices"], fake_mesh(5, 100)["vertices"])
+    # add-on -> backend: a job frame 1 byte over the backend's limit, then a running job's cancel
+    big = c.generate(seed=1, image_png=bytes((1 << 20) + 1))
+    err = _until(c, big)[-1]
+    assert err["type"] == "error" and err["kind"] == "protocol" and err["job"] == big
+    assert "over the limit" in err["message"] and c.jobs[big].state == "failed"
+    slow = c.generate(seed=2, steps=100, step_s=0.05)
+    c.wait_for(lambda m: m["type"] == "progress" and m["job"] == slow, 10)
+    t0 = time.monotonic()
+    c.cancel(slow)
+    assert _until(c, slow)[-1]["type"] == "cancelled" and time.monotonic() - t0 < 1.0
+
+
 # -------------------------------------------------------------------------- lifecycle, misc
 
 

@@ -32,7 +32,7 @@ STAGE_LABELS = {
     "preprocess": "Preprocess", "cond": "Image features", "sparse_structure": "Structure",
     "shape_slat": "Shape", "shape_slat_lr": "Shape LR", "shape_slat_hr": "Shape HR", "shape_lr": "Shape LR",
     "shape_hr": "Shape HR", "tex_slat": "Texture", "texture": "Texture", "decode": "Decode",
-    "postprocess": "Post-process", "bake": "Bake",
+    "postprocess": "Post-process", "unwrap": "UV unwrap", "bake": "Bake",
 }
 
 

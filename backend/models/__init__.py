@@ -25,7 +25,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -285,7 +285,8 @@ def _init_buffers(model: nn.Module, device: torch.device) -> None:
 def load_safetensors_into(model: nn.Module, path: str | os.PathLike,
                           device: str | torch.device = "cpu",
                           key_map: Mapping[str, str] | None = None,
-                          ignore_keys: Iterable[str] = ()) -> nn.Module:
+                          ignore_keys: Iterable[str] = (),
+                          tick: Callable[[], None] | None = None) -> nn.Module:
     """Fill ``model`` (typically built on ``meta``) from safetensors file ``path``, strictly.
 
     Each stored tensor is read from the memory map, cast to the dtype of the module's own
@@ -294,6 +295,7 @@ def load_safetensors_into(model: nn.Module, path: str | os.PathLike,
     ``ignore_keys`` names file keys that are known to be unused (e.g. training-only heads) and are
     skipped when present — nothing else is tolerated.
     Non-persistent buffers are then regenerated through ``init_non_persistent_buffers``.
+    ``tick()`` is called before each tensor and may raise (a cancel): loading stops there.
     """
     from safetensors import safe_open
 
@@ -308,9 +310,16 @@ def load_safetensors_into(model: nn.Module, path: str | os.PathLike,
     inverse = {key_map.get(k, k): k for k in header}
     device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
+    stop: BaseException | None = None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for mkey, target in targets.items():
+                if tick is not None:
+                    try:
+                        tick()
+                    except BaseException as e:  # noqa: BLE001 - a cancel, not a checkpoint problem
+                        stop = e
+                        break
                 t = f.get_tensor(inverse[mkey])
                 state[mkey] = t.to(device=device, dtype=target.dtype)
                 del t
@@ -318,6 +327,9 @@ def load_safetensors_into(model: nn.Module, path: str | os.PathLike,
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt data
         raise CheckpointError(f"{path}: cannot read tensors: {e}", path) from e
+    if stop is not None:
+        state.clear()
+        raise stop
     model.load_state_dict(state, strict=True, assign=True)
     del state
     # non-persistent buffers are not in the file: regenerate them from the config
@@ -335,7 +347,7 @@ def default_dtype_for(device: str | torch.device) -> torch.dtype | None:
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> nn.Module:
+                    dtype: torch.dtype | None = None, tick: Callable[[], None] | None = None) -> nn.Module:
     """Load an official-format checkpoint ``<stem>.json`` + ``<stem>.safetensors``.
 
     ``path`` is the stem, either file, or a folder holding one pair. ``dtype``: ``None`` means fp32 on
@@ -350,5 +362,5 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     if dtype is not None:
         args = apply_dtype(cls, args, dtype)
     model = build_model(name, args, "meta")
-    load_safetensors_into(model, st, device=device)
+    load_safetensors_into(model, st, device=device, tick=tick)
     return model.eval()

@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -218,7 +218,8 @@ def _dinov3_key_map(file_keys: Sequence[str], model_keys: set[str]) -> dict[str,
 
 
 def load_dinov3(path: str | os.PathLike, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, config: DINOv3ViTConfig | None = None) -> DINOv3ViTModel:
+                dtype: torch.dtype = torch.float32, config: DINOv3ViTConfig | None = None,
+                tick: Callable[[], None] | None = None) -> DINOv3ViTModel:
     """Load an HF DINOv3 checkpoint: a folder with ``config.json`` + ``model.safetensors``, or the
     ``.safetensors`` file itself (then ``config`` or the ViT-L/16 defaults). Strict key/shape check;
     memory-mapped reads; only safetensors. ``dtype`` is the compute dtype (TRELLIS.2 runs fp32)."""
@@ -236,7 +237,7 @@ def load_dinov3(path: str | os.PathLike, device: str | torch.device = "cpu",
         model = DINOv3ViTModel(config)
     model.to(dtype)
     key_map = _dinov3_key_map(list(read_safetensors_header(st)), set(model.state_dict()))
-    load_safetensors_into(model, st, device=device, key_map=key_map)
+    load_safetensors_into(model, st, device=device, key_map=key_map, tick=tick)  # tick: cancel per tensor
     return model.eval()
 
 

@@ -122,10 +122,13 @@ class JobState:
             mv = meta.get("multiview")
             if mv is not None and mv not in ("stochastic", "multidiffusion"):
                 raise ValueError(f"unknown multiview mode {mv!r}")
-            return cls(pipeline_type=meta["pipeline_type"], seed=int(meta["seed"]),
-                       resolution=int(meta["resolution"]), multiview=mv,
+            seed = meta["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+                raise ValueError(f"seed {seed!r} is not an integer in [0, 2^64)")
+            return cls(pipeline_type=meta["pipeline_type"], seed=seed, resolution=int(meta["resolution"]),
+                       multiview=mv,
                        **{k: np.asarray(v) for k, v in arrays.items() if k in _STATE_ARRAYS})
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise BadInput(f"malformed saved job state: {e}") from e
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -143,13 +146,18 @@ class JobState:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "JobState":
         """Read a state written by :meth:`save`; :class:`BadInput` if absent or damaged."""
+        import zipfile
+
         folder = Path(folder)
         try:
             meta = json.loads((folder / "job.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("job.json is not an object")
             with np.load(folder / "job_state.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files if k in _STATE_ARRAYS}
-        except (OSError, ValueError, KeyError) as e:
-            raise BadInput(f"{folder}: not a readable TRELLIS.2 job folder ({e}).") from e
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise BadInput(f"{folder}: not a readable TRELLIS.2 job folder ({type(e).__name__}: {e}).",
+                           field="source_job") from e
         return cls.from_parts(meta, arrays)
 
 

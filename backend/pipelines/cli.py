@@ -41,6 +41,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="BiRefNet / RMBG-2.0 folder (model.safetensors), e.g. a download of ZhengPeng7/BiRefNet")
     p.add_argument("--texture-size", type=int, default=2048)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="print the Python traceback of an error (also: trellis2 --debug COMMAND)")
     for st in _STAGES:
         flag = st.replace("_", "-")
         p.add_argument(f"--{flag}-steps", type=int, help=f"{st} sampler steps")
@@ -70,6 +72,38 @@ def _progress(quiet: bool):
     return report
 
 
+def _request(args: argparse.Namespace, kind: str) -> dict[str, Any]:
+    """The CLI arguments as a job request, checked by the shared validation layer (field types and
+    ranges, output path) before any model or input is touched; returns the normalised request."""
+    from ..errors import BadInput
+    from ..validation import check_output_path, validate_request
+
+    req: dict[str, Any] = {"type": kind, "seed": args.seed, "texture_size": args.texture_size,
+                           "max_tokens": args.max_tokens, "precision": args.precision, "device": args.device,
+                           "stage_params": _stage_params(args)}
+    if kind == "texture":
+        req["resolution"] = args.resolution
+    else:
+        req["decimation_target"] = args.decimate
+    try:
+        out = validate_request(req, kind, partial=True)
+    except BadInput as e:
+        e.message = f"{_flag(e.field or '')}: {e.message}"
+        raise
+    check_output_path(args.output)
+    return out
+
+
+def _flag(field: str) -> str:
+    """The command-line option of a request field (``stage_params.shape_slat.steps`` → ``--shape-slat-steps``)."""
+    names = {"texture_size": "--texture-size", "max_tokens": "--max-tokens", "decimation_target": "--decimate"}
+    parts = field.split(".")
+    if parts[0] == "stage_params" and len(parts) == 3:
+        short = {"guidance_strength": "guidance", "guidance_rescale": "rescale"}.get(parts[2], parts[2])
+        return f"--{parts[1].replace('_', '-')}-{short}"
+    return names.get(field, f"--{field.replace('_', '-')}")
+
+
 def _open(args: argparse.Namespace, texturing_only: bool = False):
     from . import load_pipeline
     from .pipeline import token_budget
@@ -83,20 +117,26 @@ def _open(args: argparse.Namespace, texturing_only: bool = False):
 
 
 def _run(fn) -> int:
-    from ..errors import Trellis2Error
+    """Run a command body; typed errors, Ctrl-C and tracebacks (``--debug``) are handled once, by
+    :func:`backend.cli.run_command`."""
+    return fn()
 
-    try:
-        return fn()
-    except Trellis2Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+def _check_image(path: str) -> None:
+    """Open and fully validate the input image before any model loads (format, size, bomb guard)."""
+    from .preprocess import load_image
+
+    load_image(path)
 
 
 def _export_generation(res, args: argparse.Namespace, device=None) -> None:
     from .export import generation_to_textured_mesh, write_glb
 
-    v, f, uv, base, mr = generation_to_textured_mesh(res, texture_size=args.texture_size,
-                                                     decimate=getattr(args, "decimate", None), device=device)
+    t0 = time.perf_counter()
+    report = _progress(args.quiet)
+    v, f, uv, base, mr = generation_to_textured_mesh(
+        res, texture_size=args.texture_size, decimate=getattr(args, "decimate", None), device=device,
+        progress=None if report is None else lambda st, i, n: report(st, i, n, time.perf_counter() - t0))
     write_glb(args.output, v, f, uv, base, mr)
     if getattr(args, "save_job", None):
         res.state.save(args.save_job)
@@ -114,6 +154,8 @@ def _print_cutout(info: dict[str, Any]) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     def go() -> int:
+        _request(args, "generate")
+        _check_image(args.image)
         pipe = _open(args)
         t = time.perf_counter()
         res = pipe.generate(args.image, args.pipeline, seed=args.seed, stage_params=_stage_params(args),
@@ -130,6 +172,7 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
     def go() -> int:
         from . import JobState
 
+        _request(args, "upscale")
         state = JobState.load(args.job_dir)
         pipe = _open(args)
         res = pipe.upscale(state, stage_params=_stage_params(args), progress=_progress(args.quiet))
@@ -147,6 +190,10 @@ def _cmd_texture(args: argparse.Namespace) -> int:
         from ..errors import BadInput
         from .export import write_glb
 
+        _request(args, "texture")
+        _check_image(args.image)
+        if not Path(args.mesh).is_file():
+            raise BadInput(f"{args.mesh}: mesh file not found.", field="mesh")
         try:
             loaded = trimesh.load(args.mesh, force="mesh", process=False)
         except Exception as e:  # trimesh raises many types for bad files

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from ..errors import BadInput
 
-__all__ = ["write_glb", "generation_to_textured_mesh", "split_corner_uvs"]
+__all__ = ["write_glb", "generation_to_textured_mesh", "split_corner_uvs", "current_umask"]
 
 
 def split_corner_uvs(faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -29,6 +30,20 @@ def split_corner_uvs(faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.
     key = np.concatenate([f[:, None].astype(np.float64), np.round(u, 7)], axis=1)
     uniq, inv = np.unique(key, axis=0, return_inverse=True)
     return uniq[:, 0].astype(np.int64), inv.reshape(-1, 3).astype(np.int64), uniq[:, 1:3]
+
+
+def current_umask() -> int:
+    """The process umask (Linux: read from /proc, without changing it; elsewhere set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray,
@@ -73,6 +88,9 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600; a new file honours the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -81,30 +99,40 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
     return path
 
 
-def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int | None = None, device=None
+def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int | None = None, device=None,
+                                progress: Callable[[str, int, int], None] | None = None,
+                                check: Callable[[], None] | None = None,
                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Mesh + baked textures of a :class:`GenerationResult`: ``(vertices, faces, uv [F,3,2], base, mr)``.
 
     ``decimate``: target face count (quadric decimation through trimesh, needs the
-    ``fast-simplification`` package); the UVs are made with xatlas; ``device`` is where the
-    attribute sampling runs (the pipeline's device).
+    ``fast-simplification`` package); the UVs are made with xatlas (in a child process); ``device``
+    is where the attribute sampling runs (the pipeline's device). ``progress(stage, step, total)``
+    reports the ``postprocess`` / ``unwrap`` / ``bake`` stages (the bake chunk by chunk) and
+    ``check()`` is called while the unwrap runs; either may raise (a cancel) and stops the export.
     """
-    from .bake import bake_pbr, unwrap_uvs
+    from .bake import bake_pbr, decimate_and_unwrap, unwrap_uvs
+
+    def report(stage: str, step: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, step, total)
 
     v, f = np.asarray(result.vertices, np.float64), np.asarray(result.faces, np.int64)
     if f.shape[0] == 0:
         raise BadInput("the generated shape has no faces (nothing to export); try another seed or image.")
     if decimate and f.shape[0] > decimate:
-        import trimesh
-
-        try:
-            m = trimesh.Trimesh(v, f, process=False).simplify_quadric_decimation(face_count=int(decimate))
-        except (ImportError, ModuleNotFoundError) as e:
-            raise BadInput("decimation needs the 'fast-simplification' package (pip install fast-simplification); "
-                           "run without --decimate.") from e
-        v, f = np.asarray(m.vertices, np.float64), np.asarray(m.faces, np.int64)
-    vmap, f2, uvs = unwrap_uvs(v, f)
+        # decimation and unwrap share one killable child process (both are long single C calls)
+        report("postprocess", 0, 1)
+        v, f, vmap, f2, uvs = decimate_and_unwrap(v, f, int(decimate), tick=check)
+        report("postprocess", 1, 1)
+        report("unwrap", 0, 1)
+    else:
+        report("unwrap", 0, 1)
+        vmap, f2, uvs = unwrap_uvs(v, f, tick=check)
+    report("unwrap", 1, 1)
     v2 = v[vmap]
     uv = uvs[f2]
-    base, mr, _ = bake_pbr(v2, f2, uv, result.coords, result.attrs, result.resolution, int(texture_size), device)
+    report("bake", 0, 1)
+    base, mr, _ = bake_pbr(v2, f2, uv, result.coords, result.attrs, result.resolution, int(texture_size), device,
+                           progress=lambda step, total: report("bake", step, total), check=check)
     return v2.astype(np.float32), f2.astype(np.int32), uv.astype(np.float32), base, mr

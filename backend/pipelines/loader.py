@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput, MissingWeights
+from ..validation import confined_path
 
 __all__ = ["PipelineConfig", "ModelManager", "resolve_device", "IMAGE_TO_3D_MODELS", "TEXTURING_MODELS",
            "SS_ENCODER_KEY", "SS_ENCODER_STEM"]
@@ -57,11 +58,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise BadInput(f"{path}: malformed JSON ({e}).") from e
+        data = json.loads(path.read_text("utf-8"))
+    except (ValueError, OSError) as e:
+        raise BadInput(f"{path}: malformed JSON ({e}).", field=path.name) from e
     if not isinstance(data, dict) or not isinstance(data.get("args"), dict):
-        raise BadInput(f"{path}: expected {{'name': ..., 'args': {{...}}}}.")
+        raise BadInput(f"{path}: expected {{'name': ..., 'args': {{...}}}}.", field=path.name)
+    args = data["args"]
+    if not isinstance(args.get("models", {}), dict):
+        raise BadInput(f"{path}: 'args.models' must be an object {{model key: checkpoint path}}, "
+                       f"got {type(args['models']).__name__}.", field=f"{path.name}: models")
+    scale = args.get("resolution_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 4:
+        raise BadInput(f"{path}: 'args.resolution_scale' must be a number in (0, 4], got {scale!r}.",
+                       field=f"{path.name}: resolution_scale")
+    for key, val in args.items():
+        if key.endswith("_sampler") and not (isinstance(val, dict) and isinstance(val.get("params", {}), dict)):
+            raise BadInput(f"{path}: 'args.{key}' must be an object with 'name' and 'params'.",
+                           field=f"{path.name}: {key}")
+        if key.endswith("_normalization") and not (
+                isinstance(val, dict) and all(isinstance(val.get(k), list) and val[k]
+                                              and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                      for x in val[k]) for k in ("mean", "std"))):
+            raise BadInput(f"{path}: 'args.{key}' must hold non-empty number lists 'mean' and 'std'.",
+                           field=f"{path.name}: {key}")
     return data
 
 
@@ -117,7 +136,8 @@ class PipelineConfig:
             [root / "ckpts", root.parent / "TRELLIS-image-large" / "ckpts", root / "TRELLIS-image-large" / "ckpts"]
         checkpoints: dict[str, Path] = {}
         for key, rel in wanted.items():
-            candidates = [root / rel]
+            # config paths may not leave the model folder (``../``, absolute, symlinks out of it)
+            candidates = [confined_path(root, rel, f"models.{key}", (".json", ".safetensors"))]
             if key == "sparse_structure_decoder":
                 candidates = [d / Path(rel).name for d in ss_dirs] + candidates
             found = next((c for c in candidates if Path(f"{c}.json").is_file() and Path(f"{c}.safetensors").is_file()),

@@ -22,6 +22,7 @@ pipeline folder's optional ``resolution_scale`` (1.0 for the real models; the ti
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import gc
 import logging
 import os
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
+from .. import validation as _validation
 from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
 from .loader import DINOV3_KEY, REMBG_KEY, SS_ENCODER_KEY, SS_ENCODER_STEM, ModelManager, PipelineConfig, resolve_device
@@ -50,7 +52,7 @@ __all__ = ["Trellis2Pipelines", "MAX_NUM_TOKENS", "PRECISIONS", "model_dtypes", 
 MAX_NUM_TOKENS = 49152
 MIN_NUM_TOKENS = 1024
 #: ``precision`` values: the flow transformers' compute dtype (see :func:`model_dtypes`)
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISIONS = _validation.PRECISIONS
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +92,8 @@ def _check_finite(x: torch.Tensor | SparseTensor, stage: str, model: torch.nn.Mo
     if not bool(torch.isfinite(t).all()):
         dtype = next((p.dtype for p in model.parameters() if p.dtype != torch.float32), torch.float32)
         raise NumericalError(f"The {stage} model produced NaN/Inf values (computing in "
-                             f"{str(dtype).removeprefix('torch.')}).", stage=stage)
+                             f"{str(dtype).removeprefix('torch.')}).", stage=stage,
+                             precision_related=dtype != torch.float32)
 
 
 PBR_LAYOUT = {"base_color": slice(0, 3), "metallic": slice(3, 4), "roughness": slice(4, 5), "alpha": slice(5, 6)}
@@ -118,6 +121,10 @@ def quantize_coords(hr_coords: torch.Tensor, lr_resolution: int, hr_resolution: 
 def _peak_rss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) * (1 if os.uname().sysname == "Darwin" else 1024)
+
+
+#: the running stage's cancel check, seen by checkpoint loads (a model loads lazily inside a stage)
+_LOAD_CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("load_check", default=None)
 
 
 class _Run:
@@ -152,6 +159,7 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t = time.perf_counter()
+        token = _LOAD_CHECK.set(self.check)
         try:
             yield
         except torch.OutOfMemoryError as e:
@@ -164,6 +172,8 @@ class _Run:
                 raise
             gc.collect()
             raise OutOfMemory(f"The computer ran out of memory during the '{name}' stage.", stage=name) from e
+        finally:
+            _LOAD_CHECK.reset(token)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
         self.peak[name] = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                            else _peak_rss_bytes())
@@ -226,16 +236,28 @@ class Trellis2Pipelines:
         from ..models import CheckpointError, from_pretrained
 
         try:
-            return from_pretrained(stem, device=device, dtype=dtype)
+            return from_pretrained(stem, device=device, dtype=dtype, tick=_LOAD_CHECK.get())
         except CheckpointError as e:
-            raise MissingWeights(f"The checkpoint {stem}.safetensors cannot be used: {e}",
+            raise MissingWeights(f"The checkpoint {stem}.json/.safetensors cannot be used: {e}",
                                  missing=[f"{stem}.safetensors"],
+                                 advice="Download the file again (it is damaged or from another model).") from e
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:
+            # a config (<stem>.json) whose values have the wrong types or sizes
+            raise MissingWeights(f"The checkpoint config {stem}.json cannot be used: {type(e).__name__}: {e}",
+                                 missing=[f"{stem}.json"],
                                  advice="Download the file again (it is damaged or from another model).") from e
 
     def _load_dinov3(self, folder: Path, device: torch.device) -> torch.nn.Module:
+        from ..models import CheckpointError
         from ..modules.image_feature_extractor import load_dinov3
 
-        return load_dinov3(folder, device=device, dtype=torch.float32)
+        try:
+            return load_dinov3(folder, device=device, dtype=torch.float32, tick=_LOAD_CHECK.get())
+        except (CheckpointError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+            # a corrupt config.json (bad JSON, wrong types) or damaged weights: name the files
+            raise MissingWeights(f"The DINOv3 model in {folder} cannot be used (config.json or model.safetensors): "
+                                 f"{type(e).__name__}: {e}", missing=[str(Path(folder) / "config.json")],
+                                 advice="Download facebook/dinov3-vitl16-pretrain-lvd1689m again.") from e
 
     def _load_rembg(self, device: torch.device) -> torch.nn.Module:
         from ..models import CheckpointError
@@ -480,7 +502,7 @@ class Trellis2Pipelines:
                    "attrs": attrs.cpu().numpy().astype(np.float32)}
         with run.stage_ctx("mesh"):
             verts, faces = fdg_to_mesh(out["coords"], out["dual_vertices"], out["intersected"],
-                                       out["split_weight"], res, device=self.device)
+                                       out["split_weight"], res, device=self.device, tick=run.check)
             out["vertices"], out["faces"] = verts, faces
         return out
 
@@ -694,9 +716,13 @@ def extract_mesh_on(device: torch.device, coords: np.ndarray, dual_vertices: np.
 HOLE_PERIMETER = 0.03
 
 
+#: on the CPU, outputs with more voxels than this are meshed in a killable child when a cancel check is given
+MESH_CHILD_VOXELS = 200_000
+
+
 def fdg_to_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.ndarray, split_weight: np.ndarray,
-                res: int, device: torch.device | str | None = None, fill_holes: float = HOLE_PERIMETER
-                ) -> tuple[np.ndarray, np.ndarray]:
+                res: int, device: torch.device | str | None = None, fill_holes: float = HOLE_PERIMETER,
+                tick: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Flexible-dual-grid mesh extraction (float32 vertices, int32 faces), then the official hole filling.
 
     Official quads and γ split rule; the codec's clean mode additionally orients the faces
@@ -704,15 +730,23 @@ def fdg_to_mesh(coords: np.ndarray, dual_vertices: np.ndarray, intersected: np.n
     runs in ``kernels.extract_mesh`` (same faces as the codec), elsewhere in the numpy codec (the
     faster of the two on a CPU). Boundary loops shorter than ``fill_holes`` are closed as the official
     ``Mesh.fill_holes`` does (0 disables). Vertices are clipped to ``[-0.5, 0.5]³`` (the decoder's
-    dual vertices may lie up to half a voxel outside the grid).
+    dual vertices may lie up to half a voxel outside the grid). With ``tick`` (a cancel check), a big
+    CPU extraction runs in a child process that a raising ``tick`` kills.
     """
     from .. import ovoxel
+    from ..killable import call_in_child
+    from .mesh_child import codec_mesh
 
     if device is not None and torch.device(device).type == "cuda":
         v, f = extract_mesh_on(torch.device(device), coords, dual_vertices, intersected, split_weight, res)
+        if fill_holes > 0:
+            v, f = ovoxel.fill_small_holes(v, f, fill_holes)
+    elif tick is not None and len(coords) > MESH_CHILD_VOXELS:
+        out = call_in_child("pipelines.mesh_child", "codec_mesh", [coords, dual_vertices, intersected, split_weight],
+                            {"resolution": int(res), "fill_holes": float(fill_holes)}, ("vertices", "faces"), tick)
+        v, f = out["vertices"], out["faces"]
     else:
-        v, f = ovoxel.decode_mesh(coords, dual_vertices, intersected, split_weight, resolution=res)
-    if fill_holes > 0:
-        v, f = ovoxel.fill_small_holes(v, f, fill_holes)
+        m = codec_mesh(coords, dual_vertices, intersected, split_weight, resolution=res, fill_holes=fill_holes)
+        v, f = m.vertices, m.faces
     # decoder dual vertices may sit up to half a voxel outside the grid: keep the mesh in the unit cube
     return np.clip(np.asarray(v, np.float32), -0.5, 0.5), np.asarray(f, np.int32)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import BadInput
 
@@ -91,7 +91,35 @@ def load_image(src: Any) -> Image.Image:
         raise BadInput(f"image is {w}×{h} pixels, more than the {MAX_PIXELS:,} allowed; downscale it first.")
     if w < 2 or h < 2:
         raise BadInput(f"image is too small ({w}×{h}).")
-    return img
+    return _to_8bit(_exif_upright(img))
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag (phone photos are stored sideways with a rotation tag)."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as viewers do
+        return img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001
+        return img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """High-bit-depth single-channel images (16-bit greyscale PNG/TIFF: modes ``I;16*``, ``I``,
+    float ``F``) as 8-bit ``L``, scaled instead of clipped (PIL's own conversion clips to white)."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    a = np.asarray(img)
+    if img.mode == "F":
+        top = 1.0 if float(np.nanmax(a, initial=0.0)) <= 1.0 else 65535.0
+    else:
+        top = 255.0 if img.mode == "I" and int(a.max(initial=0)) <= 255 else 65535.0
+    out = np.clip(np.nan_to_num(a.astype(np.float64)) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
 
 
 def has_real_alpha(img: Image.Image) -> bool:

@@ -10,13 +10,15 @@ official renormalisation) → nearest-texel dilation of empty texels → glTF PB
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from . import TextureResult
 from ..errors import BadInput
+from ..killable import ChildError, call_in_child
 from ..modules.sparse import SparseTensor
 from .bake import bake_pbr, corner_uvs, unwrap_uvs, validate_mesh
 from .preprocess import preprocess_image
@@ -28,6 +30,8 @@ __all__ = ["run_texturing", "normalize_to_unit_cube", "encode_mesh_shape"]
 log = logging.getLogger(__name__)
 
 TEXTURE_SIZES = (256, 512, 1024, 2048, 4096)
+#: grids from this resolution up are encoded on the CPU in a killable child when a cancel check is given
+ENCODE_CHILD_RESOLUTION = 512
 
 
 def normalize_to_unit_cube(v: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -50,7 +54,8 @@ def _apply_transform(v: np.ndarray, transform: np.ndarray | None, y_up: bool) ->
     return v
 
 
-def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, device: torch.device | str):
+def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, device: torch.device | str,
+                      tick: Callable[[], None] | None = None):
     """Unit-cube mesh → shape O-Voxel (official weights; geometry outside the cube is clipped).
 
     ``kernels.ovoxel_encode.select_encoder`` decides (CUDA → the torch port on that device, else the
@@ -72,7 +77,17 @@ def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, 
                         type(e).__name__, e)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-    return ovoxel.encode_shape(vertices, faces, resolution, outside="clip")
+    if tick is None or resolution < ENCODE_CHILD_RESOLUTION:
+        return ovoxel.encode_shape(vertices, faces, resolution, outside="clip")
+    # the codec's encode is seconds of numpy at R=1024: in a child that a cancel (tick) kills
+    try:
+        out = call_in_child("ovoxel", "encode_shape", [vertices, faces], {"resolution": int(resolution),
+                            "outside": "clip"}, ("coords", "dual_vertices", "intersected"), tick)
+    except ChildError as e:
+        if e.type_name == "OVoxelError":
+            raise ovoxel.OVoxelError(e.message) from None
+        raise RuntimeError(f"O-Voxel encode failed: {e}") from None
+    return SimpleNamespace(**out)
 
 
 @torch.no_grad()
@@ -95,7 +110,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
             out_v, out_f, uv_created = np.asarray(vertices, np.float32), np.asarray(faces), False
             geo_v, geo_f = v_in, f_in
         else:
-            vmap, out_f, vert_uv = unwrap_uvs(v_in, f_in)
+            vmap, out_f, vert_uv = unwrap_uvs(v_in, f_in, tick=run.check)
             out_v = np.asarray(vertices, np.float32)[vmap]
             geo_v, geo_f = v_in[vmap], out_f
             uv = vert_uv[out_f]
@@ -111,7 +126,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
         cond = pipe.get_cond(img, 512 if resolution <= 512 else 1024)
     with run.stage_ctx("encode"):
         try:
-            enc = encode_mesh_shape(unit.astype(np.float32), geo_f, res, pipe.device)
+            enc = encode_mesh_shape(unit.astype(np.float32), geo_f, res, pipe.device, tick=run.check)
         except ovoxel.OVoxelError as e:
             raise BadInput(f"the mesh cannot be voxelised: {e}") from e
         coords_np, dual_np, inter_np = enc.coords, enc.dual_vertices, enc.intersected
@@ -135,7 +150,8 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
         attrs = (tv.feats.float() * 0.5 + 0.5).cpu().numpy()
         del tv, tex, shape, hierarchy
     with run.stage_ctx("bake"):
-        base, mr, coverage = bake_pbr(unit, geo_f, uv, coords_np, attrs, res, int(texture_size), pipe.device)
+        base, mr, coverage = bake_pbr(unit, geo_f, uv, coords_np, attrs, res, int(texture_size), pipe.device,
+                                      progress=run.step_callback, check=run.check)  # chunked: cancel per chunk
     return TextureResult(base_color=base, metallic_roughness=mr, vertices=out_v, faces=np.asarray(out_f, np.int32),
                          uvs=uv.astype(np.float32), uv_created=uv_created, resolution=res,
                          coords=np.asarray(coords_np, np.int32), attrs=attrs,

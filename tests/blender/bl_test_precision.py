@@ -88,12 +88,12 @@ def test_every_job_request_carries_precision_and_max_tokens(addon, fake, tmp_pat
     assert (reqs[-1]["precision"], reqs[-1]["max_tokens"]) == ("fp32", 16384)
 
 
-def _numerical_error_for_next_job(manager, monkeypatch):
+def _numerical_error_for_next_job(manager, monkeypatch, exc=None):
     """Make the next job fail as the real backend does on NaN/Inf (its later messages are dropped)."""
     from backend import errors
     from backend.server import classify_error
 
-    kind, message, advice = classify_error(errors.NumericalError(NAN_MESSAGE, stage="shape_slat"))
+    kind, message, advice = classify_error(exc or errors.NumericalError(NAN_MESSAGE, stage="shape_slat"))
     real = manager._handle
     failed = set()
 
@@ -168,3 +168,21 @@ def test_numerical_error_in_ui_timer_and_plain_fp32_action(addon, fake, tmp_path
     assert "trellis.use_fp32" not in layout.operators()
     assert any("already fp32" in t for t in layout.texts())
     ops.set_error(bpy.context.window_manager, "", "")
+
+
+def test_nan_in_fp32_offers_no_fp32_fix(addon, fake, tmp_path, saved_prefs, monkeypatch):
+    """NaN/Inf although the model already computed in fp32 (AUTO on a CPU) is not a precision
+    problem: no 'Use FP32 [and Retry]' (it would only repeat the failure); the backend's advice shows."""
+    from backend import errors
+
+    saved_prefs.precision = "AUTO"
+    st = bpy.context.window_manager.trellis2
+    message = "The shape slat model produced NaN/Inf values (computing in float32)."
+    exc = errors.NumericalError(message, stage="shape_slat", precision_related=False)
+    advice = _numerical_error_for_next_job(fake, monkeypatch, exc)
+    png = write_png(tmp_path / "n32.png")
+    assert bpy.ops.trellis.generate(filepath=png, pipeline="512", seed=3) == {"CANCELLED"}
+    assert st.error == message and st.error_hint == advice and st.error_kind != "numerical"
+    layout = draw_panel(our_class(addon, "TRELLIS_PT_main"))
+    assert "trellis.use_fp32" not in layout.operators()
+    assert advice in layout.texts() and "not a precision problem" in advice
