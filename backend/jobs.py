@@ -4,7 +4,8 @@ Layout under the cache directory (``<cache>/jobs/<job id>/``)::
 
     job.json            id, kind, status, created/updated times, settings, seed, source_job, error
     input/image.png     the input image (copied, or the PNG bytes the add-on sent)
-    input/mesh.npz      texture jobs: vertices, faces, uvs (, matrix)
+    input/view_<k>.png  extra views of a multi-view generate job (k = 1, 2, ...; the first view is image.png)
+    input/mesh.npz      texture jobs: vertices, faces, uvs (, matrix); guided generate jobs: guide_* arrays
     state/<name>.npz    conditioning / latents saved by the pipeline (e.g. cond, ss_latent, shape_slat)
     result/result.npz   the result arrays, result/meta.json its metadata
 
@@ -136,6 +137,17 @@ class Job:
     def image_path(self) -> Path:
         return self.root / "input" / "image.png"
 
+    def view_path(self, k: int) -> Path:
+        """Extra view ``k`` (1-based) of a multi-view job."""
+        return self.root / "input" / f"view_{int(k)}.png"
+
+    def view_paths(self) -> list[Path]:
+        """The stored extra views, in order."""
+        out = []
+        while self.view_path(len(out) + 1).is_file():
+            out.append(self.view_path(len(out) + 1))
+        return out
+
     @property
     def mesh_path(self) -> Path:
         return self.root / "input" / "mesh.npz"
@@ -191,6 +203,10 @@ class Job:
         if isinstance(data, np.ndarray):
             data = memoryview(np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
         return atomic_write_bytes(self.image_path, data)
+
+    def save_view_bytes(self, k: int, data: bytes | memoryview) -> Path:
+        """Store extra view ``k`` (1-based; validated PNG bytes)."""
+        return atomic_write_bytes(self.view_path(k), data)
 
     def save_image_file(self, src: str | os.PathLike) -> Path:
         """Copy the user's image into the job folder (so Retry works if the original moves)."""

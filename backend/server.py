@@ -205,13 +205,21 @@ class PipelineRunner:
         pipe.max_num_tokens = budget
         common = {"stage_params": s.get("stage_params") or {}, "progress": ctx.progress, "cancel": ctx.cancel}
         if ctx.kind == "generate":
-            res = pipe.generate(_load_image(ctx), pipeline_type=s.get("pipeline_type") or None,
+            views = ctx.job.view_paths()
+            image = [_load_image(ctx), *(_load_image(ctx, p) for p in views)] if views else _load_image(ctx)
+            guide = _guide(ctx)
+            res = pipe.generate(image, pipeline_type=s.get("pipeline_type") or None,
                                 seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)),
-                                background=background_policy(s), **common)
+                                background=background_policy(s), multiview=s.get("multiview") or "stochastic",
+                                guide=guide, **common)
             res.state.save(ctx.job.root / "state")
             arrays = _generation_arrays(res, s, ctx)
             arrays["preprocessed"] = np.ascontiguousarray(res.state.image, np.uint8)
-            return "mesh", {**_generation_meta(res), "background": res.preprocess_info}, arrays
+            meta = {**_generation_meta(res), "background": res.preprocess_info, "views": 1 + len(views)}
+            if guide is not None:
+                meta["guide"] = {"center": [float(c) for c in guide.center], "scale": float(guide.scale),
+                                 "strength": float(guide.strength)}
+            return "mesh", meta, arrays
         if ctx.kind == "cutout":  # preview of what the model will see: only the preprocess stage runs
             img, info = pipe.preview_cutout(_load_image(ctx), background_policy(s), ctx.progress, ctx.cancel)
             return "cutout", {"background": info}, {"preprocessed": img}
@@ -276,12 +284,25 @@ def background_policy(msg: dict[str, Any]) -> str:
     return "auto"
 
 
-def _load_image(ctx: JobContext):
-    """The job's input image as a PIL image (from the job folder; inputs were validated and saved
-    first; loaded with every guard again, for job folders written by older versions)."""
+def _guide(ctx: JobContext):
+    """The request's blockout (``guide_*`` arrays and fields) as a normalised guide, or None."""
+    a = ctx.arrays
+    if "guide_vertices" not in a:
+        return None
+    from .pipelines.guide import prepare_guide
+
+    s = ctx.msg
+    strength = s.get("guide_strength")
+    return prepare_guide(a["guide_vertices"], a["guide_faces"], 1.0 if strength is None else strength,
+                         transform=a.get("guide_matrix"), frame=s.get("guide_frame") or "fit")
+
+
+def _load_image(ctx: JobContext, path: Path | None = None):
+    """The job's input image (or one of its stored extra views) as a PIL image (from the job folder;
+    inputs were validated and saved first; loaded with every guard again, for older job folders)."""
     from .pipelines.preprocess import load_image
 
-    path = ctx.job.image_path
+    path = path or ctx.job.image_path
     if not path.exists():
         raise _errors.BadInput("The job has no input image.", field="image")
     return load_image(path)
@@ -659,6 +680,19 @@ class Server:
         prepare = getattr(self.runner, "prepare_image", None)
         return bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data)
 
+    def _read_views(self, msg: dict[str, Any], check: Callable[[], None]) -> list[bytes]:
+        """The extra views of a multi-view request (``images[1:]``), each read and validated like the image."""
+        from .intake import read_image_source
+
+        paths = msg.get("images") or []
+        prepare = getattr(self.runner, "prepare_image", None)
+        out = []
+        for path in paths[1:]:
+            check()
+            data = read_image_source(path)
+            out.append(bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data))
+        return out
+
     def _open_job(self, msg: dict[str, Any], cancel: threading.Event) -> _jobs.Job:
         """Validate the inputs, then create/reopen the job folder and store them (in that order, so
         a bad input or a cancel leaves nothing half-written). Cancel is honoured between steps."""
@@ -669,7 +703,10 @@ class Server:
         check()
         if self.store.get(msg["job"]) is None:
             validate_request(msg)  # a new job: complete now (a retry completes from its stored settings)
+        if msg.get("images") and not msg.get("image"):
+            msg["image"] = msg["images"][0]
         image = self._read_image(msg, check)
+        views = self._read_views(msg, check)
         src_job = None
         if msg["type"] == "upscale" and image is None and msg.get("source_job") is not None:
             src_job = self.store.get(validate_request(msg, partial=True)["source_job"])
@@ -690,11 +727,13 @@ class Server:
             if src_job.image_path.exists() and not job.image_path.exists():
                 job.save_image_file(src_job.image_path)
             job.update(source_job=src_job.id, seed=src_job.meta().get("settings", {}).get("seed"))
+        for k, data in enumerate(views, 1):
+            job.save_view_bytes(k, data)
         check()
         if mesh:
             job.save_mesh(mesh)
-        elif job.mesh_path.exists() and msg["type"] == "texture":
-            msg.setdefault("arrays", {}).update(job.load_mesh())   # retry: reuse the stored mesh
+        elif job.mesh_path.exists() and msg["type"] in ("texture", "generate"):
+            msg.setdefault("arrays", {}).update(job.load_mesh())   # retry: reuse the stored mesh / guide
         # Retry: fields the request leaves out come from the job's stored settings (seed, type...)
         stored = job.meta().get("settings", {})
         for key, value in (stored.items() if isinstance(stored, dict) else ()):

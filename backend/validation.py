@@ -195,9 +195,27 @@ _OUTPUT_FIELDS: dict[str, Check] = {
     "decimation_target": integer(4, 1 << 28, zero_ok=True),
 }
 
+MAX_VIEWS = 16
+
+
+def image_list(field: str, v: Any) -> list[str]:
+    """1 to :data:`MAX_VIEWS` image paths (the views of one object, the first one being ``image``)."""
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_VIEWS:
+        raise _fail(field, f"a list of 1 to {MAX_VIEWS} image paths", v)
+    return [path_string(f"{field}[{i}]", p) for i, p in enumerate(v)]
+
+
+_GUIDE_FIELDS: dict[str, Check] = {
+    "guide_strength": number(0.0, 1.0),
+    "guide_frame": enum("fit", "unit"),
+}
+
 #: per job kind: field -> check (None values mean "use the default" and are not checked)
 SCHEMAS: dict[str, dict[str, Check]] = {
-    "generate": {**_COMMON, **_OUTPUT_FIELDS, "image": path_string, "pipeline_type": enum(*PIPELINE_TYPES)},
+    "generate": {**_COMMON, **_OUTPUT_FIELDS, **_GUIDE_FIELDS, "image": path_string,
+                 "pipeline_type": enum(*PIPELINE_TYPES), "images": image_list,
+                 "multiview": enum("stochastic", "multidiffusion")},
+    "cutout": {**_COMMON, "image": path_string},
     "upscale": {**_COMMON, **_OUTPUT_FIELDS, "source_job": job_id, "target": enum("1536_cascade")},
     "texture": {**_COMMON, "image": path_string, "texture_size": integer(*TEXTURE_SIZE_RANGE),
                 "resolution": texture_resolution},
@@ -243,6 +261,17 @@ def validate_arrays(kind: str, arrays: Mapping[str, Any]) -> None:
     if "image_png" in arrays:
         a = np.asarray(arrays["image_png"])
         arr("image_png", a.dtype == np.uint8 and a.ndim == 1 and a.size > 0, "non-empty uint8 bytes")
+    if kind == "generate":
+        if ("guide_vertices" in arrays) != ("guide_faces" in arrays):
+            raise BadInput("A guide mesh needs both 'guide_vertices' and 'guide_faces'.", field="arrays.guide_faces")
+        if "guide_vertices" in arrays:
+            a = np.asarray(arrays["guide_vertices"])
+            arr("guide_vertices", a.ndim == 2 and a.shape[1] == 3 and kind_of(a) == "f", "float [V, 3]")
+            a = np.asarray(arrays["guide_faces"])
+            arr("guide_faces", a.ndim == 2 and a.shape[1] == 3 and kind_of(a) in "iu", "integer [F, 3]")
+        if "guide_matrix" in arrays:
+            a = np.asarray(arrays["guide_matrix"])
+            arr("guide_matrix", a.shape == (4, 4) and kind_of(a) == "f", "float [4, 4]")
     if kind != "texture":
         return
     if "vertices" in arrays:

@@ -231,3 +231,33 @@ def test_ss_encoder_loads_strictly_from_the_official_manifest(shared_dir, tmp_pa
     save_file(sd, f"{stem}.safetensors")
     with pytest.raises(CheckpointError, match="out_layer.2.weight"):
         from_pretrained(stem)
+
+
+def test_cli_multiview_and_blockout(tiny_dir, tmp_path, capsys):
+    import trimesh
+    from PIL import Image
+
+    from backend.cli import main
+
+    a, b = tmp_path / "front.png", tmp_path / "side.png"
+    Image.fromarray(object_rgba(), "RGBA").save(a)
+    Image.fromarray(_side_view(), "RGBA").save(b)
+    box = trimesh.creation.box(extents=(2.0, 1.0, 0.6))
+    box.apply_translation((3.0, 0.5, -1.0))
+    box.export(tmp_path / "blockout.obj")
+    base = ["generate", str(a), str(b), "--model", str(tiny_dir), "--pipeline", "512", "--device", "cpu", "-q",
+            "--texture-size", "32", "--sparse-structure-steps", "2", "--shape-slat-steps", "2", "--tex-slat-steps", "2",
+            "--multiview", "multidiffusion", "--guide-mesh", str(tmp_path / "blockout.obj")]
+    out = tmp_path / "o.glb"
+    assert main(base + ["-o", str(out)]) == 0
+    got = trimesh.load(out, force="mesh")
+    lo, hi = got.bounds
+    assert np.allclose((lo + hi) / 2, (3.0, 0.5, -1.0), atol=0.3)        # written on the blockout, its frame
+    assert np.allclose(hi - lo, (2.0, 1.0, 0.6), atol=0.35)
+    capsys.readouterr()
+    assert main(base + ["-o", str(tmp_path / "never.glb"), "--guide-strength", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "--guide-strength" in err and "Traceback" not in err and not (tmp_path / "never.glb").exists()
+    assert main(["generate", str(a), "--model", str(tiny_dir), "-o", str(tmp_path / "n.glb"), "--device", "cpu",
+                 "-q", "--guide-mesh", str(tmp_path / "missing.obj")]) == 1
+    assert "missing.obj" in capsys.readouterr().err

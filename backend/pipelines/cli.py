@@ -85,6 +85,9 @@ def _request(args: argparse.Namespace, kind: str) -> dict[str, Any]:
         req["resolution"] = args.resolution
     else:
         req["decimation_target"] = args.decimate
+    if kind == "generate":
+        req.update(images=list(args.image), multiview=args.multiview,
+                   guide_strength=args.guide_strength if args.guide_mesh else None)
     try:
         out = validate_request(req, kind, partial=True)
     except BadInput as e:
@@ -129,7 +132,7 @@ def _check_image(path: str) -> None:
     load_image(path)
 
 
-def _export_generation(res, args: argparse.Namespace, device=None) -> None:
+def _export_generation(res, args: argparse.Namespace, device=None, to_world=None) -> None:
     from .export import generation_to_textured_mesh, write_glb
 
     t0 = time.perf_counter()
@@ -137,6 +140,8 @@ def _export_generation(res, args: argparse.Namespace, device=None) -> None:
     v, f, uv, base, mr = generation_to_textured_mesh(
         res, texture_size=args.texture_size, decimate=getattr(args, "decimate", None), device=device,
         progress=None if report is None else lambda st, i, n: report(st, i, n, time.perf_counter() - t0))
+    if to_world is not None:   # a blockout-guided result goes back onto its blockout
+        v = to_world(v).astype(v.dtype)
     write_glb(args.output, v, f, uv, base, mr)
     if getattr(args, "save_job", None):
         res.state.save(args.save_job)
@@ -155,17 +160,48 @@ def _print_cutout(info: dict[str, Any]) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     def go() -> int:
         _request(args, "generate")
-        _check_image(args.image)
+        for path in args.image:
+            _check_image(path)
+        guide = None
+        if args.guide_mesh:
+            from .guide import prepare_guide
+
+            v, f, _, y_up = _read_mesh(args.guide_mesh, args.guide_z_up, field="guide_mesh")
+            guide = prepare_guide(v, f, args.guide_strength, y_up=y_up)
         pipe = _open(args)
         t = time.perf_counter()
-        res = pipe.generate(args.image, args.pipeline, seed=args.seed, stage_params=_stage_params(args),
-                            progress=_progress(args.quiet), background=args.background)
+        images = args.image if len(args.image) > 1 else args.image[0]
+        res = pipe.generate(images, args.pipeline, seed=args.seed, stage_params=_stage_params(args),
+                            progress=_progress(args.quiet), background=args.background, multiview=args.multiview,
+                            guide=guide)
         _print_cutout(res.preprocess_info)
-        _export_generation(res, args, pipe.device)
+        _export_generation(res, args, pipe.device, to_world=None if guide is None else guide.to_world)
         print(f"done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
         return 0
 
     return _run(go)
+
+
+def _read_mesh(path: str, z_up: bool, field: str = "mesh"):
+    """``(vertices, faces, per-vertex uv or None, y_up)`` of a mesh file; Y-up unless the format is Z-up or
+    ``z_up`` says so."""
+    import numpy as np
+    import trimesh
+
+    from ..errors import BadInput
+
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: mesh file not found.", field=field)
+    try:
+        loaded = trimesh.load(path, force="mesh", process=False)
+    except Exception as e:  # trimesh raises many types for bad files
+        raise BadInput(f"{path}: cannot read mesh: {e}", field=field) from e
+    v = np.asarray(loaded.vertices)
+    f = np.asarray(loaded.faces)
+    uv = getattr(loaded.visual, "uv", None)
+    uv = None if uv is None or len(uv) != len(v) else np.asarray(uv)
+    y_up = Path(path).suffix.lower() in (".glb", ".gltf", ".obj", ".ply", ".stl") and not z_up
+    return v, f, uv, y_up
 
 
 def _cmd_upscale(args: argparse.Namespace) -> int:
@@ -184,25 +220,11 @@ def _cmd_upscale(args: argparse.Namespace) -> int:
 
 def _cmd_texture(args: argparse.Namespace) -> int:
     def go() -> int:
-        import numpy as np
-        import trimesh
-
-        from ..errors import BadInput
         from .export import write_glb
 
         _request(args, "texture")
         _check_image(args.image)
-        if not Path(args.mesh).is_file():
-            raise BadInput(f"{args.mesh}: mesh file not found.", field="mesh")
-        try:
-            loaded = trimesh.load(args.mesh, force="mesh", process=False)
-        except Exception as e:  # trimesh raises many types for bad files
-            raise BadInput(f"{args.mesh}: cannot read mesh: {e}") from e
-        v = np.asarray(loaded.vertices)
-        f = np.asarray(loaded.faces)
-        uv = getattr(loaded.visual, "uv", None)
-        uv = None if uv is None or len(uv) != len(v) else np.asarray(uv)
-        y_up = Path(args.mesh).suffix.lower() in (".glb", ".gltf", ".obj", ".ply", ".stl") and not args.z_up
+        v, f, uv, y_up = _read_mesh(args.mesh, args.z_up)
         pipe = _open(args, texturing_only=True)
         res = pipe.texture(v, f, args.image, uvs=uv, y_up=y_up, seed=args.seed, resolution=args.resolution,
                            texture_size=args.texture_size, stage_params=_stage_params(args),
@@ -236,8 +258,17 @@ def add_make_tiny_args(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``generate``, ``texture``, ``upscale`` and ``make-tiny``."""
-    p = subparsers.add_parser("generate", help="image → textured GLB")
-    p.add_argument("image")
+    p = subparsers.add_parser("generate", help="image(s) → textured GLB")
+    p.add_argument("image", nargs="+", help="input image; several images = views of one object (--multiview)")
+    p.add_argument("--multiview", default="stochastic", choices=("stochastic", "multidiffusion"),
+                   help="how several views combine: stochastic (one view per sampler step, cycling) or "
+                        "multidiffusion (every step averages all views; one pass per view)")
+    p.add_argument("--guide-mesh", help="blockout mesh (.glb/.obj/.ply…) that decides the rough shape; the result "
+                                        "is written in its frame and size")
+    p.add_argument("--guide-strength", type=float, default=1.0,
+                   help="1 (default): the blockout is the structure; lower: SDEdit from it (needs the TRELLIS v1 "
+                        "ss_enc_conv3d_16l8_fp16 next to the SS decoder)")
+    p.add_argument("--guide-z-up", action="store_true", help="the guide mesh file is already Z-up")
     p.add_argument("-o", "--output", required=True, help="output .glb")
     p.add_argument("--pipeline", default=None, choices=("512", "1024", "1024_cascade", "1536_cascade"),
                    help="pipeline type (default: pipeline.json's default_pipeline_type)")
