@@ -261,3 +261,31 @@ def test_cli_multiview_and_blockout(tiny_dir, tmp_path, capsys):
     assert main(["generate", str(a), "--model", str(tiny_dir), "-o", str(tmp_path / "n.glb"), "--device", "cpu",
                  "-q", "--guide-mesh", str(tmp_path / "missing.obj")]) == 1
     assert "missing.obj" in capsys.readouterr().err
+
+
+def test_golden_harness_runs_an_ss_encoder_case(tmp_path, tiny_dir):
+    """A case built like the shipped golden cases (model pair + inputs + outputs), dispatched by its call."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from backend.golden import run_case
+    from backend.models import from_pretrained
+
+    stem = tiny_dir / "ckpts" / "ss_enc_conv3d_16l8_fp16"
+    for ext in (".json", ".safetensors"):
+        shutil.copy(f"{stem}{ext}", tmp_path / f"model_ss_enc_tiny{ext}")
+    x = (torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.8).float()
+    with torch.no_grad():
+        _, mean, logvar = from_pretrained(stem)(x, return_raw=True)
+    mean, logvar = mean.contiguous(), logvar.contiguous()
+    save_file({"in.x": x, "out.z": mean.clone(), "out.mean": mean, "out.logvar": logvar},
+              str(tmp_path / "case_enc2.safetensors"))
+    (tmp_path / "case_enc2.json").write_text(json.dumps({
+        "model": "ss_enc_tiny", "call": "z, mean, logvar = model(x, sample_posterior=False, return_raw=True)",
+        "tolerances": {k: {"atol": 1e-5, "rtol": 1e-4} for k in ("out.z", "out.mean", "out.logvar")}}))
+    rep = run_case(tmp_path, "enc2")     # a differently named case: found by its call
+    assert rep.passed and not rep.missing_handler, rep.errors
+    save_file({"in.x": x, "out.z": mean + 1, "out.mean": mean, "out.logvar": logvar},
+              str(tmp_path / "case_enc2.safetensors"))
+    assert not run_case(tmp_path, "enc2").passed

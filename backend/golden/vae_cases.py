@@ -130,3 +130,16 @@ def ss_decoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
         "out.occ_coords": torch.argwhere(occ)[:, [0, 2, 3, 4]].int(),
         "out.occ_coords_pool2": torch.argwhere(pooled)[:, [0, 2, 3, 4]].int(),
     }
+
+
+@case("ss_encoder", call="z, mean, logvar = model(x, sample_posterior=False, return_raw=True)")
+def ss_encoder(gc: GoldenCase) -> dict[str, torch.Tensor]:
+    """Dense SS encoder (TRELLIS v1 ``ss_enc_conv3d_16l8_fp16``, blockout guidance) on an occupancy volume
+    ``in.x`` ``[B, 1, R, R, R]``: the posterior mean (what guidance uses), the log-variance and ``z``
+    (= mean without sampling). No such case ships yet; the handler is ready for one built from the
+    official JSON (model pair ``model_<stem>``, loaded strictly)."""
+    model = _load(gc)
+    z, mean, logvar = model(gc.tensors["in.x"], sample_posterior=False, return_raw=True)
+    if not torch.equal(z, mean):
+        raise AssertionError("z must equal mean without posterior sampling")
+    return {"out.z": z, "out.mean": mean, "out.logvar": logvar}
