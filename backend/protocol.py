@@ -531,7 +531,7 @@ def describe_messages() -> dict[str, str]:
         "result": "job, kind (mesh|textures|...), meta {...}, arrays {vertices, faces, ...}",
         "error": "job (or null), kind (see ERROR_KINDS), message, advice, traceback_tail, log_tail, "
                  "field (bad_input: the request field at fault, when known)",
-        "cancelled": "job, stage, step",
+        "cancelled": "job, stage, step (where it stopped), requested_step (where the cancel found it; null if not running)",
         "log": "level, text (throttled)",
         "pong": "echo of the ping's fields and arrays",
         "generate": "job, image (path) or arrays.image_png (bytes), seed, pipeline_type, background "

@@ -76,6 +76,8 @@ class JobContext:
         self.started = time.monotonic()
         self.stage: str | None = None
         self.step = 0
+        #: the progress step the job was at when its cancel arrived (None: not cancelled while running)
+        self.cancel_step: int | None = None
         self._stage_t0 = self.started
         self._last_t = self.started
 
@@ -617,6 +619,8 @@ class Server:
             # jobs past the queue (being opened or running): their job-wide flag
             for jid, flag in self._active.items():
                 if job is None or jid == job:
+                    if self._current is not None and self._current.job.id == jid and not flag.is_set():
+                        self._current.cancel_step = self._current.step   # where the request found it
                     flag.set()
         for jid in dropped:
             self._mark(jid, "cancelled")
@@ -776,7 +780,8 @@ class Server:
                 log.info("job %s cancelled", job_id)
                 self._mark(job_id, "cancelled")
                 self.send({"type": "cancelled", "job": job_id,
-                           "stage": ctx.stage if ctx else getattr(exc, "stage", None), "step": ctx.step if ctx else 0})
+                           "stage": ctx.stage if ctx else getattr(exc, "stage", None), "step": ctx.step if ctx else 0,
+                           "requested_step": getattr(ctx, "cancel_step", None)})
             else:
                 log.error("job %s failed (%s): %s", job_id, kind, message, exc_info=kind == "internal")
                 if kind == "oom":

@@ -24,13 +24,13 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .errors import BadInput
-from .pipelines import PIPELINE_TYPES, STAGE_PARAM_KEYS  # (the package's torch-free contract)
+from .contract import BACKGROUND_MODES, GUIDE_FRAMES, MULTIVIEW_MODES, PIPELINE_TYPES, STAGE_PARAM_KEYS
 
 __all__ = ["validate_request", "validate_arrays", "check_output_path", "confined_path", "PRECISIONS",
            "BACKGROUND_POLICIES", "TEXTURE_SIZE_RANGE", "SEED_RANGE", "SCHEMAS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-BACKGROUND_POLICIES = ("auto", "remove", "keep")
+BACKGROUND_POLICIES = BACKGROUND_MODES
 OUTPUTS = ("textures", "vertex_attrs", "mesh")
 TEXTURE_SIZE_RANGE = (16, 8192)
 #: seeds feed ``torch.Generator.manual_seed`` (a uint64)
@@ -207,14 +207,14 @@ def image_list(field: str, v: Any) -> list[str]:
 
 _GUIDE_FIELDS: dict[str, Check] = {
     "guide_strength": number(0.0, 1.0),
-    "guide_frame": enum("fit", "unit"),
+    "guide_frame": enum(*GUIDE_FRAMES),
 }
 
 #: per job kind: field -> check (None values mean "use the default" and are not checked)
 SCHEMAS: dict[str, dict[str, Check]] = {
     "generate": {**_COMMON, **_OUTPUT_FIELDS, **_GUIDE_FIELDS, "image": path_string,
                  "pipeline_type": enum(*PIPELINE_TYPES), "images": image_list,
-                 "multiview": enum("stochastic", "multidiffusion")},
+                 "multiview": enum(*MULTIVIEW_MODES)},
     "cutout": {**_COMMON, "image": path_string},
     "upscale": {**_COMMON, **_OUTPUT_FIELDS, "source_job": job_id, "target": enum("1536_cascade")},
     "texture": {**_COMMON, "image": path_string, "texture_size": integer(*TEXTURE_SIZE_RANGE),

@@ -425,7 +425,10 @@ def test_real_pipeline_on_tiny_checkpoints_cancel_and_generate(make_client, tiny
     c.cancel(job0)
     msgs = _until(c, job0, timeout=60)
     assert msgs[-1]["type"] == "cancelled" and msgs[-1]["stage"] == "sparse_structure", msgs[-1]
-    assert sum(m["type"] == "progress" for m in msgs) <= 2, "cancel not honoured at the next step"
+    # honoured at the next step after the backend received it (frames already in flight when the client
+    # sent it are not the backend's to recall, so count from the backend's own record)
+    assert msgs[-1]["requested_step"] is not None, msgs[-1]
+    assert msgs[-1]["step"] - msgs[-1]["requested_step"] <= 1, "cancel not honoured at the next step"
     assert time.monotonic() - t0 < 10
     t_cancelled = time.monotonic()
     # 2. a full 512 generation: progress in order, arrays intact, state saved for upscale

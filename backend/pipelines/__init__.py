@@ -53,8 +53,7 @@ __all__ = [
     "TextureResult", "load_pipeline", "BadInput", "MissingWeights", "OutOfMemory", "Cancelled",
 ]
 
-PIPELINE_TYPES: tuple[str, ...] = ("512", "1024", "1024_cascade", "1536_cascade")
-STAGE_PARAM_KEYS: tuple[str, ...] = ("sparse_structure", "shape_slat", "tex_slat")
+from ..contract import MULTIVIEW_MODES, PIPELINE_TYPES, STAGE_PARAM_KEYS  # noqa: E402  (re-exported: the public contract)
 
 #: ``progress(stage, step, total, elapsed_seconds)``; ``step == total`` marks the end of a stage.
 ProgressFn = Callable[[str, int, int, float], None]
@@ -120,7 +119,7 @@ class JobState:
             raise BadInput(f"unknown pipeline type {meta.get('pipeline_type')!r} in saved job state.")
         try:
             mv = meta.get("multiview")
-            if mv is not None and mv not in ("stochastic", "multidiffusion"):
+            if mv is not None and mv not in MULTIVIEW_MODES:
                 raise ValueError(f"unknown multiview mode {mv!r}")
             seed = meta["seed"]
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64:

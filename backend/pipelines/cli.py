@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..contract import BACKGROUND_MODES, MULTIVIEW_MODES, PIPELINE_TYPES
+
 __all__ = ["register"]
 
 _STAGES = ("sparse_structure", "shape_slat", "tex_slat")
@@ -33,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None,
                    help="cascade token budget (official 49152; lower uses less VRAM, steps the 1536 grid down)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--background", default="auto", choices=("auto", "remove", "keep"),
+    p.add_argument("--background", default="auto", choices=BACKGROUND_MODES,
                    help="cut-out policy: auto = the image's alpha if it has one, else the background-removal "
                         "model (--rembg-model), else the plain-background keyer; remove = ignore alpha and "
                         "cut out; keep = no cut-out (default auto)")
@@ -260,7 +262,7 @@ def register(subparsers: Any) -> None:
     """Add ``generate``, ``texture``, ``upscale`` and ``make-tiny``."""
     p = subparsers.add_parser("generate", help="image(s) → textured GLB")
     p.add_argument("image", nargs="+", help="input image; several images = views of one object (--multiview)")
-    p.add_argument("--multiview", default="stochastic", choices=("stochastic", "multidiffusion"),
+    p.add_argument("--multiview", default="stochastic", choices=MULTIVIEW_MODES,
                    help="how several views combine: stochastic (one view per sampler step, cycling) or "
                         "multidiffusion (every step averages all views; one pass per view)")
     p.add_argument("--guide-mesh", help="blockout mesh (.glb/.obj/.ply…) that decides the rough shape; the result "
@@ -270,7 +272,7 @@ def register(subparsers: Any) -> None:
                         "ss_enc_conv3d_16l8_fp16 next to the SS decoder)")
     p.add_argument("--guide-z-up", action="store_true", help="the guide mesh file is already Z-up")
     p.add_argument("-o", "--output", required=True, help="output .glb")
-    p.add_argument("--pipeline", default=None, choices=("512", "1024", "1024_cascade", "1536_cascade"),
+    p.add_argument("--pipeline", default=None, choices=PIPELINE_TYPES,
                    help="pipeline type (default: pipeline.json's default_pipeline_type)")
     p.add_argument("--decimate", type=int, default=None, help="target face count")
     p.add_argument("--save-job", help="folder to save the job state into (for `trellis2 upscale`)")

@@ -54,9 +54,7 @@ class GuideMesh:
         return np.asarray(unit_vertices, np.float64) / self.scale + self.center
 
 
-#: ``frame`` values: ``fit`` normalises the guide into the unit cube; ``unit`` takes its coordinates as the
-#: generation frame already (e.g. a TRELLIS result), so a guide outside ``[-0.5, 0.5]³`` is an error.
-GUIDE_FRAMES = ("fit", "unit")
+from ..contract import GUIDE_FRAMES  # noqa: E402  (fit into the unit cube, or already in it)
 
 
 def prepare_guide(vertices: np.ndarray, faces: np.ndarray, strength: float = 1.0,

@@ -169,8 +169,7 @@ def key_plain_background(rgb: np.ndarray, tolerance: float = 24.0, min_border_fr
     return alpha.astype(np.uint8)
 
 
-#: Background policy shared by the panel, the CLI (``--background``) and the server (``background``).
-BACKGROUND_MODES: tuple[str, ...] = ("auto", "remove", "keep")
+from ..contract import BACKGROUND_MODES  # noqa: E402  (the policy of the panel, the CLI and the server)
 
 _NO_MODEL_ADVICE = ("Download the background-removal model in the add-on Preferences (Background removal › "
                     "Download BiRefNet, ZhengPeng7/BiRefNet, MIT) or set its folder there; on the command line "

@@ -29,8 +29,7 @@ from ..modules.sparse import SparseTensor
 __all__ = ["FlowEulerGuidanceIntervalSampler", "SamplerParams", "time_schedule", "StepCallback", "MultiViewCond",
            "MULTIVIEW_MODES", "neg_cond_like"]
 
-#: How several views of one object condition a flow (TRELLIS v1's multi-image modes).
-MULTIVIEW_MODES: tuple[str, ...] = ("stochastic", "multidiffusion")
+from ..contract import MULTIVIEW_MODES  # noqa: E402  (how several views condition a flow)
 
 #: ``callback(step_index, total_steps)`` called after every Euler step; may raise to cancel.
 StepCallback = Callable[[int, int], None]
