@@ -216,8 +216,11 @@ class PipelineRunner:
                                 guide=guide, **common)
             res.state.save(ctx.job.root / "state")
             arrays = _generation_arrays(res, s, ctx)
-            arrays["preprocessed"] = np.ascontiguousarray(res.state.image, np.uint8)
-            meta = {**_generation_meta(res), "background": res.preprocess_info, "views": 1 + len(views)}
+            cut = getattr(res.state, "image", None)   # the cut-out the model saw (the panel's preview)
+            if cut is not None:
+                arrays["preprocessed"] = np.ascontiguousarray(cut, np.uint8)
+            meta = {**_generation_meta(res), "background": dict(getattr(res, "preprocess_info", {}) or {}),
+                    "views": 1 + len(views)}
             if guide is not None:
                 meta["guide"] = {"center": [float(c) for c in guide.center], "scale": float(guide.scale),
                                  "strength": float(guide.strength)}
@@ -248,10 +251,11 @@ class PipelineRunner:
                                texture_size=int(s.get("texture_size", 2048)),
                                preprocess=bool(s.get("preprocess", True)), background=background_policy(s),
                                **common)
-            center, scale = tex.normalization
             meta = {"uv_created": bool(tex.uv_created), "resolution": int(tex.resolution),
-                    "coverage": float(tex.coverage), "timings": dict(tex.timings),
-                    "normalization": {"center": [float(c) for c in center], "scale": float(scale)}}
+                    "coverage": float(tex.coverage), "timings": dict(tex.timings)}
+            norm = getattr(tex, "normalization", None)   # world → unit cube of the textured shape
+            if norm is not None:
+                meta["normalization"] = {"center": [float(c) for c in norm[0]], "scale": float(norm[1])}
             arrays = {"base_color": tex.base_color, "metallic_roughness": tex.metallic_roughness,
                       "vertices": tex.vertices, "faces": tex.faces, "uvs": tex.uvs}
             return "textures", meta, arrays

@@ -55,7 +55,8 @@ def test_download_order_and_success(tasks, fake_python, tmp_path, monkeypatch):
     t = tasks.download_task(fake_python, str(root), tmp_path / "dl.log").start()
     assert t.wait(timeout=60) == 0 and t.ok
     assert (root / "order.txt").read_text().split() == [
-        "facebook/dinov3-vitl16-pretrain-lvd1689m", "microsoft/TRELLIS-image-large", "microsoft/TRELLIS.2-4B"]
+        "facebook/dinov3-vitl16-pretrain-lvd1689m", "microsoft/TRELLIS-image-large", "microsoft/TRELLIS.2-4B",
+        "ZhengPeng7/BiRefNet"]                 # the background remover last (small, ungated)
     assert "ss_dec_conv3d_16l8_fp16" in (root / "TRELLIS-image-large" / "done.txt").read_text()
 
 

@@ -347,14 +347,14 @@ class Trellis2Pipelines:
         """Occupancy coords ``[M, 4]`` at the SS decoder's native grid (unpooled). With a ``guide``
         (blockout): its occupancy at strength 1, SDEdit from its encoded occupancy below (:mod:`.guide`)."""
         sampler, p = self._params("sparse_structure", params)
-        grid = self._ss_grid()
         ts = time_schedule(p.steps, p.rescale_t)
         if guide is not None and guide.strength < 1.0:   # SDEdit: start part-way, at t = strength
             ts = [float(guide.strength)] + [t for t in ts if t < guide.strength]
         total = 1 if guide is not None and guide.strength >= 1.0 else len(ts) - 1
         with run.stage_ctx("sparse_structure", total):
-            flow = self.models.get("sparse_structure_flow_model")
+            flow = self.models.get("sparse_structure_flow_model")   # loads inside the stage (cancellable)
             noise = self._randn(gen, 1, flow.in_channels, flow.resolution, flow.resolution, flow.resolution)
+            grid = self._ss_grid()
             if guide is not None and guide.strength >= 1.0:   # the blockout is the structure
                 occ = torch.from_numpy(guide.occupancy(grid)).to(self.device)
                 return torch.cat([torch.zeros_like(occ[:, :1]), occ], 1).int()
