@@ -22,7 +22,6 @@ pipeline folder's optional ``resolution_scale`` (1.0 for the real models; the ti
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import gc
 import logging
 import os
@@ -42,6 +41,7 @@ from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfM
 from ..modules.sparse import SparseTensor
 from .loader import DINOV3_KEY, REMBG_KEY, SS_ENCODER_KEY, SS_ENCODER_STEM, ModelManager, PipelineConfig, resolve_device
 from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_with_info
+from .cancel_scope import checking, current_check
 from .guide import GuideMesh
 from .sampler import (MULTIVIEW_MODES, FlowEulerGuidanceIntervalSampler, MultiViewCond, SamplerParams,
                       neg_cond_like, sampler_from_config, time_schedule)
@@ -123,8 +123,6 @@ def _peak_rss_bytes() -> int:
     return int(r) * (1 if os.uname().sysname == "Darwin" else 1024)
 
 
-#: the running stage's cancel check, seen by checkpoint loads (a model loads lazily inside a stage)
-_LOAD_CHECK: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("load_check", default=None)
 
 
 class _Run:
@@ -159,9 +157,9 @@ class _Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t = time.perf_counter()
-        token = _LOAD_CHECK.set(self.check)
         try:
-            yield
+            with checking(self.check):   # checkpoint loads / encodes inside the stage see it
+                yield
         except torch.OutOfMemoryError as e:
             gc.collect()
             if self.device.type == "cuda":
@@ -172,8 +170,6 @@ class _Run:
                 raise
             gc.collect()
             raise OutOfMemory(f"The computer ran out of memory during the '{name}' stage.", stage=name) from e
-        finally:
-            _LOAD_CHECK.reset(token)
         self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
         self.peak[name] = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                            else _peak_rss_bytes())
@@ -236,7 +232,7 @@ class Trellis2Pipelines:
         from ..models import CheckpointError, from_pretrained
 
         try:
-            return from_pretrained(stem, device=device, dtype=dtype, tick=_LOAD_CHECK.get())
+            return from_pretrained(stem, device=device, dtype=dtype, tick=current_check())
         except CheckpointError as e:
             raise MissingWeights(f"The checkpoint {stem}.json/.safetensors cannot be used: {e}",
                                  missing=[f"{stem}.safetensors"],
@@ -252,7 +248,7 @@ class Trellis2Pipelines:
         from ..modules.image_feature_extractor import load_dinov3
 
         try:
-            return load_dinov3(folder, device=device, dtype=torch.float32, tick=_LOAD_CHECK.get())
+            return load_dinov3(folder, device=device, dtype=torch.float32, tick=current_check())
         except (CheckpointError, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
             # a corrupt config.json (bad JSON, wrong types) or damaged weights: name the files
             raise MissingWeights(f"The DINOv3 model in {folder} cannot be used (config.json or model.safetensors): "

@@ -21,6 +21,7 @@ from ..errors import BadInput
 from ..killable import ChildError, call_in_child
 from ..modules.sparse import SparseTensor
 from .bake import bake_pbr, corner_uvs, unwrap_uvs, validate_mesh
+from .cancel_scope import current_check
 from .preprocess import preprocess_image
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,6 +78,7 @@ def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, 
                         type(e).__name__, e)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    tick = tick if tick is not None else current_check()
     if tick is None or resolution < ENCODE_CHILD_RESOLUTION:
         return ovoxel.encode_shape(vertices, faces, resolution, outside="clip")
     # the codec's encode is seconds of numpy at R=1024: in a child that a cancel (tick) kills
@@ -126,7 +128,7 @@ def run_texturing(pipe: "Trellis2Pipelines", vertices: np.ndarray, faces: np.nda
         cond = pipe.get_cond(img, 512 if resolution <= 512 else 1024)
     with run.stage_ctx("encode"):
         try:
-            enc = encode_mesh_shape(unit.astype(np.float32), geo_f, res, pipe.device, tick=run.check)
+            enc = encode_mesh_shape(unit.astype(np.float32), geo_f, res, pipe.device)   # the stage's check applies
         except ovoxel.OVoxelError as e:
             raise BadInput(f"the mesh cannot be voxelised: {e}") from e
         coords_np, dual_np, inter_np = enc.coords, enc.dual_vertices, enc.intersected
