@@ -32,7 +32,8 @@ def _thumbnail(path: str) -> int:
 def _backend_python_set(context) -> bool:
     from .preferences import get_prefs
 
-    return bool(get_prefs(context).backend_python)
+    prefs = get_prefs(context)
+    return bool(prefs.remote_host.strip()) if prefs.backend_mode == "REMOTE" else bool(prefs.backend_python)
 
 
 def _draw_numerical_fix(layout, context) -> None:
