@@ -1141,7 +1141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log", metavar="FILE", help="append the log (and all stray output) to FILE")
     p.add_argument("--cache-dir", metavar="DIR", help="job folders go to DIR/jobs")
     p.add_argument("--model-dir", metavar="DIR", help="TRELLIS.2 weights folder (pipeline.json, ckpts/)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--low-vram", action="store_true", help="keep only the running stage on the GPU")
     p.add_argument("--idle-unload", type=float, default=0.0, metavar="MIN",
                    help="unload the models after MIN idle minutes (0: never)")
