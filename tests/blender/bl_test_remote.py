@@ -2,7 +2,7 @@
 process on 127.0.0.1 (fake runner, token), driven through the real operators.
 
 generate (blocking in background mode) imports the mesh and lists it in the history (the result is
-mirrored into the local cache); cancel stops a running job; texture-only sends the mesh as arrays and
+mirrored into the local cache); upscale reuses the server's job; cancel stops a running job; texture-only sends the mesh as arrays and
 gets the textures back as frames; the server's job folders hold the images it was sent as bytes.
 """
 
@@ -66,6 +66,12 @@ def test_remote_generate_cancel_and_texture_only(addon, remote_backend, tmp_path
     st = bpy.context.window_manager.trellis2
     assert any(h.name == job for h in st.history)                 # from the local mirror
     assert (tmp_path / "local-cache" / "jobs" / job / "result" / "result.npz").is_file()
+    # upscale: the source job's state lives on the server; the object gets the upscaled mesh
+    bpy.context.view_layer.objects.active = objs[0]
+    assert bpy.ops.trellis.upscale.poll()
+    assert bpy.ops.trellis.upscale() == {"FINISHED"}, st.error
+    obj = bpy.context.active_object
+    assert obj["trellis2_upscaled_from"] == job and (remote_backend / "jobs" / obj["trellis2_job"]).is_dir()
 
     # cancel a running job
     m = runtime.manager
