@@ -1092,9 +1092,10 @@ def serve_tcp(args: argparse.Namespace) -> int:
     except (OSError, transport.TransportError) as exc:
         print(f"error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
-    if not transport.is_loopback(host) and ssl_ctx is None:
-        print(f"WARNING: serving on {host} without TLS: the token and every image and mesh cross the network "
-              "in clear. Use --tls-cert/--tls-key (or an SSH tunnel to a 127.0.0.1 backend).", file=sys.stderr)
+    warning = transport.exposure_warning(host, ssl_ctx is not None)
+    if warning:
+        print(warning, file=sys.stderr)
+        log.warning("%s", warning)
     forward = _ForwardHandler(server)
     forward.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logging.getLogger().addHandler(forward)

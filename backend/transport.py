@@ -29,6 +29,7 @@ from . import protocol as proto
 log = logging.getLogger("backend.transport")
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "AUTH_TIMEOUT_S", "TransportError", "parse_listen", "is_loopback",
+           "exposure_warning",
            "generate_token", "write_token_file", "read_token_file", "token_matches", "server_ssl_context",
            "client_ssl_context", "SocketStream", "Peer", "Listener", "connect"]
 
@@ -80,6 +81,14 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def exposure_warning(host: str, tls: bool) -> str | None:
+    """The warning ``serve --listen`` prints for a reachable address without TLS (None when safe)."""
+    if is_loopback(host) or tls:
+        return None
+    return (f"WARNING: serving on {host} without TLS: the token and every image and mesh cross the network "
+            "in clear. Use --tls-cert/--tls-key (or an SSH tunnel to a 127.0.0.1 backend).")
 
 
 def generate_token() -> str:

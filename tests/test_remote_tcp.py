@@ -101,7 +101,7 @@ def remote(bc, tmp_path):
 
 def _started(c):
     c.start()
-    c.wait_for(lambda m: m["type"] == "status", 20)
+    c.wait_for(lambda m: m["type"] == "status" and m["state"] == "ready", 20)
     assert c.state == "ready" and c.hello.get("remote") is True
     return c
 
@@ -118,8 +118,8 @@ def _raw(port: int, token: str | None, **kw) -> tuple[socket.socket, P.FrameRead
 
 
 def _next(reader: P.FrameReader) -> dict:
-    """The next frame that is not a forwarded ``log`` line."""
-    while (msg := reader.read())["type"] == "log":
+    """The next frame that is not a broadcast (``log`` line, ``status``)."""
+    while (msg := reader.read())["type"] in ("log", "status"):
         pass
     return msg
 
@@ -257,7 +257,10 @@ def test_tls_with_a_self_signed_certificate(server, remote, tmp_path):
         T.connect("127.0.0.1", srv.port, srv.token, tls=True, timeout=5)
     # a plain-TCP client gets nothing useful: the TLS handshake fails and the server closes
     sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-    P.FrameWriter(T.SocketStream(sock)).send({"type": "auth", "token": srv.token})
+    try:
+        P.FrameWriter(T.SocketStream(sock)).send({"type": "auth", "token": srv.token})
+    except OSError:
+        pass   # already reset by the server: fine
     sock.settimeout(10)
     data = b""
     try:
@@ -373,6 +376,23 @@ def test_token_command_writes_0600_and_the_server_refuses_a_readable_token_file(
     assert T.token_matches("abc", "abc") and not T.token_matches("abd", "abc") and not T.token_matches(None, "abc")
     assert T.parse_listen("[::1]:9") == ("::1", 9) and T.parse_listen(":7") == ("127.0.0.1", 7)
     assert T.is_loopback("127.0.0.1") and T.is_loopback("localhost") and not T.is_loopback("0.0.0.0")
+    assert "without TLS" in T.exposure_warning("0.0.0.0", tls=False)
+    assert T.exposure_warning("0.0.0.0", tls=True) is None and T.exposure_warning("127.0.0.1", tls=False) is None
+
+
+def test_sigterm_cancels_the_running_job_and_closes_connections(server, remote):
+    srv = server()
+    c = _started(remote(srv))
+    job = c.generate(seed=1, steps=400, step_s=0.05)
+    c.wait_for(lambda m: m["type"] == "progress", 20)
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(timeout=10) == 0 and time.monotonic() - t0 < 5
+    msgs = c.wait_for(lambda m: m["type"] == "exited", 10)
+    assert c.jobs[job].state in ("cancelled", "lost")
+    assert any(m["type"] == "cancelled" and m.get("job") == job for m in msgs) or c.jobs[job].state == "lost"
+    meta = (srv.cache / "jobs" / job / "job.json").read_text()
+    assert '"cancelled"' in meta
 
 
 def test_pipe_mode_opens_no_socket(bc, staged_extension, tmp_path):
