@@ -408,3 +408,15 @@ def test_pipe_mode_opens_no_socket(bc, staged_extension, tmp_path):
         assert links and not [x for x in links if x.startswith("socket:")], links
     finally:
         c.stop(timeout=2.0)
+
+
+def test_the_addon_side_transport_is_stdlib_and_numpy_only(staged_extension):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(staged_extension.parent)!r})
+        import trellis2.backend.transport, trellis2.backend_client
+        assert "torch" not in sys.modules and "bpy" not in sys.modules and "ray" not in sys.modules
+        print("ok")
+    """)
+    res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
