@@ -78,8 +78,14 @@ class TRELLIS_PT_main(bpy.types.Panel):
             op.action = "STOP"
         if st.backend_info:
             box.label(text=st.backend_info)
+        from .preferences import get_prefs
+
+        prefs = get_prefs(context)
+        if prefs.backend_mode == "REMOTE":
+            lock = "LOCKED" if prefs.remote_tls else "UNLOCKED"
+            box.label(text=f"Remote: {prefs.remote_host}:{prefs.remote_port}", icon=lock)
         if not _backend_python_set(context):
-            box.label(text="Set the backend Python in Preferences", icon="INFO")
+            box.label(text="Set the backend Python (or a remote backend) in Preferences", icon="INFO")
 
         # Error box
         if st.error:

@@ -19,7 +19,7 @@ import bpy
 import numpy as np
 import pytest
 
-from helpers import addon_module, build_plain_mesh, prefs, stop_backend, write_png
+from helpers import addon_module, build_plain_mesh, draw_panel, our_class, prefs, stop_backend, write_png
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -114,3 +114,18 @@ def test_remote_backend_gone_is_reported_like_a_crash_and_reconnects(addon, remo
         time.sleep(0.02)
     assert m.backend_state == "CRASHED" and "dropped" in m.crash_message
     assert bpy.ops.trellis.generate(filepath=png, pipeline="512", seed=3) == {"FINISHED"}   # reconnected
+
+
+def test_panel_and_preferences_show_the_remote_backend(addon, remote_backend):
+    p = prefs(addon)
+    layout = draw_panel(our_class(addon, "TRELLIS_PT_main"))
+    assert f"Remote: 127.0.0.1:{p.remote_port}" in layout.texts()
+    assert "trellis.generate" in layout.operators()          # no local Python needed
+    assert p.bl_rna.properties["remote_token"].subtype == "PASSWORD"
+    assert "MPS" in {i.identifier for i in p.bl_rna.properties["device"].enum_items}
+    p.remote_host = "192.0.2.1"                                  # never contacted: only the warning is drawn
+    try:
+        prefs_layout = draw_panel(type(p), wrapped=p)
+        assert any("in clear" in t for t in prefs_layout.texts())
+    finally:
+        p.remote_host = "127.0.0.1"
