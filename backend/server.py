@@ -408,6 +408,8 @@ class _ForwardHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(self._local, "busy", False) or self.server._pipe_broken:
             return  # a warning raised while sending must not recurse into sending
+        if record.name.startswith("backend.transport"):
+            return  # about other connections (addresses, failed logins): the server's log only
         self._local.busy = True
         try:
             self.server.send_log(record.levelname.lower(), self.format(record))
@@ -1130,8 +1132,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Serve TRELLIS.2 jobs over stdin/stdout (the add-on starts this) "
                                           "or over TCP (--listen; a remote backend for other machines).")
     p.add_argument("--stdio", action="store_true", help="speak the frame protocol on stdin/stdout")
-    p.add_argument("--listen", metavar="HOST:PORT", default=None,
-                   help="serve over TCP instead (host defaults to 127.0.0.1; any other address needs --token-file)")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None, nargs="?", const="127.0.0.1:47860",
+                   help="serve over TCP instead (alone: 127.0.0.1:47860; any non-loopback address needs --token-file)")
     p.add_argument("--token-file", metavar="FILE", help="require the token in FILE (made by 'trellis2 token FILE')")
     p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
