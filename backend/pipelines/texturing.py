@@ -75,9 +75,8 @@ def encode_mesh_shape(vertices: np.ndarray, faces: np.ndarray, resolution: int, 
         except Exception as e:  # noqa: BLE001 - the CPU codec is always a correct answer
             log.warning("O-Voxel encode on %s failed (%s: %s); encoding on the CPU instead", dev,
                         type(e).__name__, e)
-            from .loader import empty_cache
-
-            empty_cache(dev)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     if tick is None or resolution < ENCODE_CHILD_RESOLUTION:
         return ovoxel.encode_shape(vertices, faces, resolution, outside="clip")
     # the codec's encode is seconds of numpy at R=1024: in a child that a cancel (tick) kills
