@@ -1082,22 +1082,25 @@ def serve_tcp(args: argparse.Namespace) -> int:
     except transport.TransportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    tail = _setup_logging(args.log, args.verbose)
-    cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "trellis2-blender"
-    server = Server(None, None, make_runner(args), _jobs.JobStore(cache),  # type: ignore[arg-type]
-                    idle_unload_s=max(0.0, args.idle_unload) * 60.0, log_path=args.log, tail=tail,
-                    max_jobs_per_peer=args.max_jobs)
+    # bind first: a port in use, or the warning, must reach the terminal (not only a --log file)
+    holder: dict[str, Server] = {}
     try:
-        listener = transport.Listener(host, port, server.serve_peer, token=token, ssl_context=ssl_ctx,
-                                      max_payload=int(args.max_payload_mb * (1 << 20)),
+        listener = transport.Listener(host, port, lambda peer: holder["server"].serve_peer(peer), token=token,
+                                      ssl_context=ssl_ctx, max_payload=int(args.max_payload_mb * (1 << 20)),
                                       idle_timeout=args.idle_timeout, max_connections=args.max_connections)
     except (OSError, transport.TransportError) as exc:
         print(f"error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
     warning = transport.exposure_warning(host, ssl_ctx is not None)
     if warning:
-        print(warning, file=sys.stderr)
+        print(warning, file=sys.stderr, flush=True)
+    tail = _setup_logging(args.log, args.verbose)
+    if warning:
         log.warning("%s", warning)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "trellis2-blender"
+    server = holder["server"] = Server(None, None, make_runner(args), _jobs.JobStore(cache),  # type: ignore[arg-type]
+                                       idle_unload_s=max(0.0, args.idle_unload) * 60.0, log_path=args.log,
+                                       tail=tail, max_jobs_per_peer=args.max_jobs)
     forward = _ForwardHandler(server)
     forward.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logging.getLogger().addHandler(forward)

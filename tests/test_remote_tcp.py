@@ -354,6 +354,14 @@ def test_connection_limits_frame_size_queued_jobs_and_idle_timeout(server, remot
     assert _until(c, job)[-1]["type"] == "result"
 
 
+def test_a_port_in_use_is_a_clear_error(server, tmp_path):
+    srv = server()
+    proc = subprocess.run([PYTHON, "-m", "backend", "serve", "--listen", f"127.0.0.1:{srv.port}", "--runner", "fake",
+                           "--log", str(tmp_path / "second.log")], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"cannot listen on 127.0.0.1:{srv.port}" in proc.stderr
+
+
 def test_non_loopback_without_token_is_refused_before_binding(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "backend", "serve", "--listen", "0.0.0.0:0", "--runner", "fake"],
                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
