@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     ".server",
     ".selftest",
     ".ovoxel.cli",
+    ".batch",
 )
 
 

@@ -34,7 +34,7 @@ Message types
 -------------
 backend -> add-on: ``hello`` ``status`` ``progress`` ``result`` ``error`` ``cancelled`` ``log``
 ``pong``.  add-on -> backend: ``generate`` ``texture`` ``upscale`` ``cancel`` ``unload``
-``shutdown`` ``ping``.  See :data:`BACKEND_MESSAGES` / :data:`CLIENT_MESSAGES` and the module
+``shutdown`` ``ping`` (and ``auth``, the first frame of a TCP connection).  See :data:`BACKEND_MESSAGES` / :data:`CLIENT_MESSAGES` and the module
 ``docs`` in :func:`describe_messages`.
 """
 
@@ -78,7 +78,7 @@ ALLOWED_DTYPES: frozenset[str] = frozenset({
 BACKEND_MESSAGES: frozenset[str] = frozenset(
     {"hello", "status", "progress", "result", "error", "cancelled", "log", "pong"})
 CLIENT_MESSAGES: frozenset[str] = frozenset(
-    {"generate", "texture", "upscale", "cutout", "cancel", "unload", "shutdown", "ping"})
+    {"generate", "texture", "upscale", "cutout", "cancel", "unload", "shutdown", "ping", "auth"})
 MESSAGE_TYPES: frozenset[str] = BACKEND_MESSAGES | CLIENT_MESSAGES
 JOB_MESSAGES: frozenset[str] = frozenset({"generate", "texture", "upscale", "cutout"})
 # error kinds; "crashed" is made by the add-on's client when the backend process dies under a job
@@ -534,7 +534,8 @@ def describe_messages() -> dict[str, str]:
         "cancelled": "job, stage, step (where it stopped), requested_step (where the cancel found it; null if not running)",
         "log": "level, text (throttled)",
         "pong": "echo of the ping's fields and arrays",
-        "generate": "job, image (path) or arrays.image_png (bytes), seed, pipeline_type, background "
+        "generate": "job, image (path) or arrays.image_png (bytes), extra views images[1:] (paths) or "
+                    "arrays.view_png_1..N (bytes), seed, pipeline_type, background "
                     "(auto|remove|keep), settings...",
         "cutout": "job, image or arrays.image_png, background: runs only preprocessing; result arrays.preprocessed",
         "texture": "job, image, seed, ..., arrays: vertices, faces, uvs",
@@ -543,4 +544,5 @@ def describe_messages() -> dict[str, str]:
         "unload": "free models and GPU memory",
         "shutdown": "cancel everything and exit",
         "ping": "any fields/arrays, answered by pong",
+        "auth": "token: the first frame of a TCP connection (backend.transport); no payload",
     }

@@ -86,6 +86,11 @@ def device_info() -> dict[str, Any]:
                         bf16=bool(torch.cuda.is_bf16_supported()))
         except Exception as exc:  # noqa: BLE001
             info["cuda_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        mps = getattr(torch.backends, "mps", None)
+        info["mps"] = bool(mps is not None and mps.is_available())
+        if info["mps"]:
+            info.update(device="mps", gpu="Apple GPU (MPS)")
     return info
 
 

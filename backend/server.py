@@ -290,6 +290,20 @@ def background_policy(msg: dict[str, Any]) -> str:
     return "auto"
 
 
+#: request fields naming files or folders on the backend's machine: a TCP client may not choose them
+_SERVER_PATH_FIELDS = ("model_dir", "dinov3_dir", "ss_decoder_dir", "rembg_dir")
+
+
+def _remote_request(msg: dict[str, Any]) -> dict[str, Any]:
+    """A TCP client's job request: server-side model folders are the server's own (the fields are
+    dropped), and images must come as bytes (a path would read the server's files)."""
+    for name in ("image", "images"):
+        if msg.get(name):
+            raise _errors.BadInput(f"A remote backend cannot read files by path ('{name}'): send the image bytes "
+                                   "(arrays.image_png, extra views arrays.view_png_1..N).", field=name)
+    return {k: v for k, v in msg.items() if k not in _SERVER_PATH_FIELDS}
+
+
 def _guide(ctx: JobContext):
     """The request's blockout (``guide_*`` arrays and fields) as a normalised guide, or None."""
     a = ctx.arrays
@@ -398,6 +412,8 @@ class _ForwardHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(self._local, "busy", False) or self.server._pipe_broken:
             return  # a warning raised while sending must not recurse into sending
+        if record.name.startswith("backend.transport"):
+            return  # about other connections (addresses, failed logins): the server's log only
         self._local.busy = True
         try:
             self.server.send_log(record.levelname.lower(), self.format(record))
@@ -431,7 +447,9 @@ class Server:
 
     def __init__(self, reader: proto.FrameReader, writer: proto.FrameWriter, runner: Runner,
                  store: _jobs.JobStore, *, idle_unload_s: float = 0.0, log_path: str | None = None,
-                 tail: _TailHandler | None = None) -> None:
+                 tail: _TailHandler | None = None, max_jobs_per_peer: int = 8) -> None:
+        """``reader``/``writer`` are the stdio pipes; both None for a TCP server, whose connections
+        come through :meth:`serve_peer` (frames about a job go to the connection that sent it)."""
         self.reader = reader
         self.writer = writer
         self.runner = runner
@@ -454,10 +472,17 @@ class Server:
         self._pipe_broken = False
         self._log_tokens = 10.0
         self._log_t = time.monotonic()
+        #: TCP mode: the live connections and, per job id, the connection that submitted it
+        self._peers: set[Any] = set()
+        self._owner: dict[str, Any] = {}
+        self.max_jobs_per_peer = max_jobs_per_peer
 
     # -- sending
     def send(self, msg: dict[str, Any]) -> bool:
-        """Send a frame; False (and stop) if the add-on side is gone."""
+        """Send a frame; False (and stop) if the add-on side is gone. TCP mode: a job's frames go to
+        the connection that submitted the job (dropped if it is gone), the rest to every connection."""
+        if self.writer is None:
+            return self._route(msg)
         if self._pipe_broken:
             return False
         try:
@@ -468,6 +493,21 @@ class Server:
             self._pipe_broken = True
             self.stop(0)
             return False
+
+    _JOB_FRAMES = frozenset({"progress", "result", "error", "cancelled"})
+
+    def _route(self, msg: dict[str, Any]) -> bool:
+        job = msg.get("job")
+        with self._cv:
+            if msg.get("type") in self._JOB_FRAMES and job is not None:
+                owner = self._owner.get(job)
+                targets = [owner] if owner is not None else []
+            else:
+                targets = list(self._peers)
+        sent = False
+        for peer in targets:
+            sent = peer.send(msg) or sent
+        return sent
 
     def send_log(self, level: str, text: str) -> None:
         """Forward a log line to the add-on, throttled to ~10 lines/s."""
@@ -483,8 +523,13 @@ class Server:
             return [m["job"] for m in self._queue if m["type"] in proto.JOB_MESSAGES]
 
     def send_status(self, state: str | None = None, **extra: Any) -> None:
+        """Broadcast a ``status`` frame (``state`` becomes the server's state)."""
         if state:
             self._state = state
+        self.send(self.status_msg(**extra))
+
+    def status_msg(self, **extra: Any) -> dict[str, Any]:
+        """The ``status`` frame for the current state."""
         cur = self._current
         msg: dict[str, Any] = {"type": "status", "state": self._state, "loaded": bool(getattr(self.runner, "loaded", False)),
                                "job": cur.job_id if cur else None, "queue": self.queue_ids(), **self._device}
@@ -492,17 +537,20 @@ class Server:
         if callable(vram):
             msg["vram_used"] = vram()
         msg.update(extra)
-        self.send(msg)
+        return msg
 
     def send_error(self, job: str | None, kind: str, message: str, advice: str | None = None,
-                   tb: str | None = None, field: str | None = None) -> None:
+                   tb: str | None = None, field: str | None = None, peer: Any = None) -> None:
         """An ``error`` frame; ``field``: the request field at fault (``bad_input`` from validation)."""
         tail = read_log_tail(self.log_path) if self.log_path else list(self.tail.lines)[-_LOG_TAIL_LINES:] if self.tail else []
         msg = {"type": "error", "job": job, "kind": kind, "message": message, "advice": advice,
                "traceback_tail": (tb or "").splitlines()[-25:], "log_tail": tail}
         if field:
             msg["field"] = field
-        self.send(msg)
+        if peer is not None:
+            peer.send(msg)
+        else:
+            self.send(msg)
 
     # -- lifecycle
     def stop(self, code: int = 0) -> None:
@@ -515,13 +563,21 @@ class Server:
                 flag.set()
             self._cv.notify_all()
 
+    def hello(self) -> dict[str, Any]:
+        """The first frame a client gets."""
+        msg = {"type": "hello", "protocol": proto.PROTOCOL_VERSION, "backend_version": __version__,
+               "python": platform.python_version(), "numpy": np.__version__, "pid": os.getpid(),
+               "platform": sys.platform, "executable": sys.executable, "runner": type(self.runner).__name__}
+        if self.writer is None:
+            msg.update(remote=True, executable=None)   # a remote client has no use for server paths
+        return msg
+
     def run(self) -> int:
-        self.send({"type": "hello", "protocol": proto.PROTOCOL_VERSION, "backend_version": __version__,
-                   "python": platform.python_version(), "numpy": np.__version__, "pid": os.getpid(),
-                   "platform": sys.platform, "executable": sys.executable,
-                   "runner": type(self.runner).__name__})
-        reader = threading.Thread(target=self._reader_loop, name="protocol-reader", daemon=True)
-        reader.start()
+        """Serve until shutdown (stdio: or EOF); the calling thread becomes the worker."""
+        if self.reader is not None:
+            self.send(self.hello())
+            reader = threading.Thread(target=self._reader_loop, name="protocol-reader", daemon=True)
+            reader.start()
         try:
             try:
                 self._device = dict(self.runner.describe() or {})
@@ -566,15 +622,21 @@ class Server:
             logging.shutdown()
             os._exit(0)
 
-    def _handle(self, msg: dict[str, Any]) -> None:
+    def _handle(self, msg: dict[str, Any], peer: Any = None) -> None:
+        """One frame from the add-on (stdio) or from a TCP connection ``peer``."""
         mtype = msg["type"]
         if mtype == "ping":
             reply = dict(msg)
             reply["type"] = "pong"
             reply["t_backend"] = time.time()
-            self.send(reply)
+            (peer.send if peer is not None else self.send)(reply)
         elif mtype == "cancel":
-            self._cancel(msg.get("job"))
+            self._cancel(msg.get("job"), peer)
+        elif mtype == "shutdown" and peer is not None:
+            # a shared server outlives its clients: a remote shutdown ends only this connection
+            log.info("connection %s said goodbye", peer.address)
+            self._cancel(None, peer)
+            peer.close()
         elif mtype == "shutdown":
             log.info("shutdown requested")
             self.send_status("stopping")
@@ -586,34 +648,100 @@ class Server:
         elif mtype in proto.JOB_MESSAGES:
             job = msg.get("job")
             if not _jobs.valid_job_id(job):
-                self.send_error(job if isinstance(job, str) else None, "bad_input", f"Invalid job id {job!r}.")
+                self.send_error(job if isinstance(job, str) else None, "bad_input", f"Invalid job id {job!r}.",
+                                peer=peer)
                 return
             try:  # every field's type and range, before the job is queued (a retry may omit fields)
+                if peer is not None:
+                    msg = _remote_request(msg)
                 msg = validate_request(msg, partial=True)
             except _errors.BadInput as exc:
-                self.send_error(job, "bad_input", exc.message, exc.advice, field=exc.field)
+                self.send_error(job, "bad_input", exc.message, exc.advice, field=exc.field, peer=peer)
                 return
             with self._cv:
                 # the id is reserved atomically with its cancel flag: a duplicate is refused from
                 # now until the job's answer has been sent, whatever phase the job is in
                 dup = job in self._active
-                if not dup:
+                full = peer is not None and len(peer.jobs) >= self.max_jobs_per_peer
+                if not dup and not full:
                     self._active[job] = threading.Event()
+                    if peer is not None:
+                        self._owner[job] = peer
+                        peer.jobs.add(job)
                     self._queue.append(msg)
                     self._cv.notify_all()
             if dup:
-                self.send_error(job, "bad_input", f"Job {job} is already queued or running.")
+                self.send_error(job, "bad_input", f"Job {job} is already queued or running.", peer=peer)
+            elif full:
+                self.send_error(job, "bad_input", f"This connection already has {self.max_jobs_per_peer} jobs "
+                                "queued or running; wait for one to finish.", peer=peer)
             else:
                 self.send_status()
         else:
-            self.send_error(msg.get("job"), "protocol", f"Unexpected message type {mtype!r} from the add-on.")
+            self.send_error(msg.get("job"), "protocol", f"Unexpected message type {mtype!r} from the add-on.",
+                            peer=peer)
 
-    def _cancel(self, job: str | None) -> None:
+    def _release(self, job_id: str) -> None:
+        """Forget which connection owns ``job_id`` (its answer has been sent). Call with ``_cv`` held."""
+        owner = self._owner.pop(job_id, None)
+        if owner is not None:
+            owner.jobs.discard(job_id)
+
+    # -- TCP connections (each in its own thread; see backend.transport.Listener)
+    def serve_peer(self, peer: Any) -> None:
+        """Talk to one authenticated connection until it closes, then cancel the jobs it left behind."""
+        from .transport import IdleTimeout
+
+        with self._cv:
+            if self._stopping:
+                return
+            self._peers.add(peer)
+        try:
+            peer.send(self.hello())
+            peer.send(self.status_msg())
+            while not peer.closed.is_set() and not self._stopping:
+                try:
+                    msg = peer.reader.read()
+                except proto.ProtocolError as exc:
+                    log.info("bad frame from %s: %s", peer.address, exc)   # not forwarded to other clients
+                    self.send_error(exc.job, "protocol", f"Rejected a bad frame: {exc}", peer=peer)
+                    if exc.fatal:
+                        break
+                    continue
+                except IdleTimeout:
+                    log.info("connection %s idle for %.0f s: closing", peer.address, peer.idle_timeout)
+                    peer.send(self.status_msg(closing="idle"))
+                    break
+                except OSError:
+                    break
+                if msg is None:
+                    break
+                try:
+                    self._handle(msg, peer)
+                except Exception as exc:  # noqa: BLE001 - never let one message kill the connection
+                    log.exception("handling %s failed", msg.get("type"))
+                    self.send_error(msg.get("job"), "internal", f"{type(exc).__name__}: {exc}",
+                                    tb=traceback.format_exc(), peer=peer)
+        finally:
+            with self._cv:
+                self._peers.discard(peer)
+                left = bool(peer.jobs)
+            if left:
+                log.info("connection %s closed with jobs pending: cancelling them", peer.address)
+                self._cancel(None, peer)
+            peer.close()
+
+    def _cancel(self, job: str | None, peer: Any = None) -> None:
+        """Cancel ``job`` (None: every job; from a TCP ``peer``: only among the jobs it submitted)."""
         dropped: list[str] = []
         with self._cv:
+            mine = None if peer is None else set(peer.jobs)
+            if mine is not None and job is not None and job not in mine:
+                return
             keep: collections.deque[dict[str, Any]] = collections.deque()
             for m in self._queue:
-                if m["type"] in proto.JOB_MESSAGES and (job is None or m.get("job") == job):
+                if (m["type"] in proto.JOB_MESSAGES and (job is None or m.get("job") == job)
+                        and (mine is None or m.get("job") in mine)):
                     dropped.append(m["job"])
                 else:
                     keep.append(m)
@@ -622,13 +750,15 @@ class Server:
                 self._active.pop(jid, None)
             # jobs past the queue (being opened or running): their job-wide flag
             for jid, flag in self._active.items():
-                if job is None or jid == job:
+                if (job is None or jid == job) and (mine is None or jid in mine):
                     if self._current is not None and self._current.job.id == jid and not flag.is_set():
                         self._current.cancel_step = self._current.step   # where the request found it
                     flag.set()
         for jid in dropped:
             self._mark(jid, "cancelled")
             self.send({"type": "cancelled", "job": jid, "stage": None, "step": 0, "queued": True})
+            with self._cv:
+                self._release(jid)
         if dropped:
             self.send_status()
 
@@ -690,11 +820,22 @@ class Server:
 
     def _read_views(self, msg: dict[str, Any], check: Callable[[], None]) -> list[bytes]:
         """The extra views of a multi-view request (``images[1:]``), each read and validated like the image."""
-        from .intake import read_image_source
+        from .intake import check_image_bytes, read_image_source
+        from .validation import view_array_names
 
+        arrays = msg.get("arrays") or {}
+        names = view_array_names(arrays)
         paths = msg.get("images") or []
+        if names and len(paths) > 1:
+            raise _errors.BadInput("Extra views came both as paths (images) and as bytes (arrays.view_png_*).",
+                                   field="images")
         prepare = getattr(self.runner, "prepare_image", None)
         out = []
+        for k, name in enumerate(names, 1):
+            check()
+            data = memoryview(np.ascontiguousarray(arrays[name], dtype=np.uint8)).cast("B")
+            check_image_bytes(data, f"Extra view {k} the add-on sent")
+            out.append(bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data))
         for path in paths[1:]:
             check()
             data = read_image_source(path)
@@ -725,7 +866,7 @@ class Server:
                 raise _errors.BadInput(f"The source job {src_job.id} has a malformed job.json (settings).",
                                        field="source_job")
         arrays = msg.get("arrays") or {}
-        mesh = {k: v for k, v in arrays.items() if k != "image_png"}
+        mesh = {k: v for k, v in arrays.items() if k != "image_png" and not k.startswith("view_png_")}
         check()
         settings = {k: v for k, v in msg.items() if k not in ("type", "job", "arrays")}
         job = self.store.open(msg["job"], kind=msg["type"], settings=settings)
@@ -800,6 +941,7 @@ class Server:
             with self._cv:
                 self._current = None
                 self._active.pop(job_id, None)
+                self._release(job_id)
             if not self._stopping:
                 self.send_status("ready")
 
@@ -888,9 +1030,14 @@ def make_runner(args: argparse.Namespace) -> Runner:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Entry point of ``trellis2 serve``."""
+    """Entry point of ``trellis2 serve``: ``--stdio`` (what the add-on starts) or ``--listen HOST:PORT``."""
+    if args.listen is not None:
+        if args.stdio:
+            print("trellis2 serve: choose --stdio or --listen, not both", file=sys.stderr)
+            return 2
+        return serve_tcp(args)
     if not args.stdio:
-        print("trellis2 serve: only --stdio is supported", file=sys.stderr)
+        print("trellis2 serve: pass --stdio (the add-on's pipes) or --listen HOST:PORT", file=sys.stderr)
         return 2
     # stderr first (it becomes the log), then the protocol fds
     tail = _setup_logging(args.log, args.verbose)
@@ -918,15 +1065,93 @@ def serve(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def serve_tcp(args: argparse.Namespace) -> int:
+    """``trellis2 serve --listen HOST:PORT``: the same protocol over TCP (TLS optional), token-checked.
+
+    Prints ``listening on HOST:PORT`` on stdout once the socket is bound; SIGTERM/SIGINT shut down
+    cleanly (running jobs cancelled, connections closed)."""
+    import signal
+
+    from . import transport
+
+    try:
+        host, port = transport.parse_listen(args.listen)
+        token = transport.read_token_file(args.token_file) if args.token_file else None
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise transport.TransportError("--tls-cert and --tls-key go together")
+        ssl_ctx = transport.server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        if not transport.is_loopback(host) and token is None:
+            raise transport.TransportError(
+                f"refusing to listen on {host} without a token: run 'trellis2 token FILE' and pass --token-file FILE")
+    except transport.TransportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # bind first: a port in use, or the warning, must reach the terminal (not only a --log file)
+    holder: dict[str, Server] = {}
+    try:
+        listener = transport.Listener(host, port, lambda peer: holder["server"].serve_peer(peer), token=token,
+                                      ssl_context=ssl_ctx, max_payload=int(args.max_payload_mb * (1 << 20)),
+                                      idle_timeout=args.idle_timeout, max_connections=args.max_connections)
+    except (OSError, transport.TransportError) as exc:
+        print(f"error: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 2
+    warning = transport.exposure_warning(host, ssl_ctx is not None)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    tail = _setup_logging(args.log, args.verbose)
+    if warning:
+        log.warning("%s", warning)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else Path.home() / ".cache" / "trellis2-blender"
+    server = holder["server"] = Server(None, None, make_runner(args), _jobs.JobStore(cache),  # type: ignore[arg-type]
+                                       idle_unload_s=max(0.0, args.idle_unload) * 60.0, log_path=args.log,
+                                       tail=tail, max_jobs_per_peer=args.max_jobs)
+    forward = _ForwardHandler(server)
+    forward.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger().addHandler(forward)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        server.stop(0)
+        threading.Timer(_EXIT_GRACE_S * 4, lambda: os._exit(0)).start()   # a job that ignores its cancel
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    listener.start()
+    shown = f"[{listener.address[0]}]" if ":" in listener.address[0] else listener.address[0]
+    log.info("trellis2 backend %s listening on %s:%d (%s, %s)", __version__, shown, listener.address[1],
+             "TLS" if ssl_ctx else "no TLS", "token required" if token else "no token")
+    print(f"listening on {shown}:{listener.address[1]}", flush=True)
+    code = server.run()
+    server.send_status("stopping")
+    listener.close()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``serve`` subcommand (no torch import here)."""
+    """Add the ``serve`` and ``token`` subcommands (no torch import here)."""
     p = subparsers.add_parser("serve", help="run the backend server for the Blender add-on",
-                              description="Serve TRELLIS.2 jobs over stdin/stdout (the add-on starts this).")
+                              description="Serve TRELLIS.2 jobs over stdin/stdout (the add-on starts this) "
+                                          "or over TCP (--listen; a remote backend for other machines).")
     p.add_argument("--stdio", action="store_true", help="speak the frame protocol on stdin/stdout")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None, nargs="?", const="127.0.0.1:47860",
+                   help="serve over TCP instead (alone: 127.0.0.1:47860; any non-loopback address needs --token-file)")
+    p.add_argument("--token-file", metavar="FILE", help="require the token in FILE (made by 'trellis2 token FILE')")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS private key")
+    p.add_argument("--idle-timeout", type=float, default=600.0, metavar="S",
+                   help="close a TCP connection silent for S seconds with no job of its own running (0: never)")
+    p.add_argument("--max-jobs", type=int, default=8, metavar="N", help="jobs one TCP connection may have queued")
+    p.add_argument("--max-connections", type=int, default=16, metavar="N", help="TCP connections served at once")
     p.add_argument("--log", metavar="FILE", help="append the log (and all stray output) to FILE")
     p.add_argument("--cache-dir", metavar="DIR", help="job folders go to DIR/jobs")
     p.add_argument("--model-dir", metavar="DIR", help="TRELLIS.2 weights folder (pipeline.json, ckpts/)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--low-vram", action="store_true", help="keep only the running stage on the GPU")
     p.add_argument("--idle-unload", type=float, default=0.0, metavar="MIN",
                    help="unload the models after MIN idle minutes (0: never)")
@@ -937,3 +1162,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--runner", choices=sorted(_RUNNERS), default="pipelines", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=serve)
+    t = subparsers.add_parser("token", help="write a new random access token for 'serve --listen'",
+                              description="Write a random token to FILE (mode 0600) for 'trellis2 serve "
+                                          "--token-file FILE'; give the same token to the add-on (Preferences).")
+    t.add_argument("file", metavar="FILE")
+    t.add_argument("--force", action="store_true", help="replace an existing FILE")
+    t.add_argument("--print", dest="show", action="store_true", help="also print the token (for pasting)")
+    t.set_defaults(func=make_token)
+
+
+def make_token(args: argparse.Namespace) -> int:
+    """``trellis2 token FILE``: a new token, written owner-only."""
+    from .transport import write_token_file
+
+    try:
+        token = write_token_file(args.file, overwrite=args.force)
+    except FileExistsError:
+        print(f"error: {args.file} exists (use --force to replace it)", file=sys.stderr)
+        return 1
+    print(f"token written to {args.file} (mode 0600)", file=sys.stderr)
+    if args.show:
+        print(token)
+    return 0

@@ -247,6 +247,23 @@ def validate_request(msg: Mapping[str, Any], kind: str | None = None, *, partial
     return out
 
 
+VIEW_ARRAY_PREFIX = "view_png_"
+
+
+def view_array_names(arrays: Mapping[str, Any]) -> list[str]:
+    """The extra views sent as bytes (``view_png_1..N``), in order; a gap, a bad index or more than
+    ``MAX_VIEWS - 1`` of them is a :class:`BadInput`."""
+    names = [n for n in arrays if isinstance(n, str) and n.startswith(VIEW_ARRAY_PREFIX)]
+    want = [f"{VIEW_ARRAY_PREFIX}{k}" for k in range(1, len(names) + 1)]
+    if sorted(names) != sorted(want):
+        raise BadInput(f"Extra view arrays must be named {VIEW_ARRAY_PREFIX}1..N without gaps; got {sorted(names)}.",
+                       field=f"arrays.{sorted(names)[0]}")
+    if len(names) > MAX_VIEWS - 1:
+        raise BadInput(f"At most {MAX_VIEWS} views (the image and {MAX_VIEWS - 1} extra views).",
+                       field=f"arrays.{VIEW_ARRAY_PREFIX}{MAX_VIEWS}")
+    return want
+
+
 def validate_arrays(kind: str, arrays: Mapping[str, Any]) -> None:
     """Shapes and dtypes of a request's arrays (mesh of a texture job, image bytes)."""
     def arr(name: str, ok: bool, expected: str) -> None:
@@ -261,6 +278,12 @@ def validate_arrays(kind: str, arrays: Mapping[str, Any]) -> None:
     if "image_png" in arrays:
         a = np.asarray(arrays["image_png"])
         arr("image_png", a.dtype == np.uint8 and a.ndim == 1 and a.size > 0, "non-empty uint8 bytes")
+    views = view_array_names(arrays)
+    if views and kind != "generate":
+        raise BadInput(f"Only a generate job takes extra views, not {kind}.", field=f"arrays.{views[0]}")
+    for name in views:
+        a = np.asarray(arrays[name])
+        arr(name, a.dtype == np.uint8 and a.ndim == 1 and a.size > 0, "non-empty uint8 bytes")
     if kind == "generate":
         if ("guide_vertices" in arrays) != ("guide_faces" in arrays):
             raise BadInput("A guide mesh needs both 'guide_vertices' and 'guide_faces'.", field="arrays.guide_faces")

@@ -7,7 +7,11 @@ The clock runs from the start of the send to the moment ``poll()`` hands the dec
 main thread, so it covers: encode + writev into the pipe, the backend's reader decoding into its
 buffer, its writev back, the client's reader thread decoding, the queue hop to the main thread.
 
-    python benchmarks/protocol.py [--mb 100] [--repeat 5]
+    python benchmarks/protocol.py [--mb 100] [--repeat 5] [--transport pipe tcp tls]
+
+``--transport``: ``pipe`` (the add-on's default), ``tcp`` (``serve --listen 127.0.0.1:0`` with a
+token, the add-on's :class:`RemoteBackendClient`), ``tls`` (the same with a throwaway self-signed
+certificate; needs the ``cryptography`` package). Each transport runs the same round trips.
 
 Prints one line per payload size: the best and median round trip, the payload rate
 (``payload / round trip``) and the pipe rate (``2 * payload / round trip``, bytes moved both ways).
@@ -93,6 +97,7 @@ def main() -> int:
     ap.add_argument("--mb", type=float, nargs="*", default=[1, 24, 100], help="payload sizes in MB (1e6 bytes)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-baseline", action="store_true", help="skip the bare-pipe comparison")
+    ap.add_argument("--transport", nargs="*", default=["pipe"], choices=("pipe", "tcp", "tls"))
     args = ap.parse_args()
 
     import build
@@ -102,8 +107,79 @@ def main() -> int:
     sys.path.insert(0, str(tmp))
     import trellis2.backend_client as bc  # noqa: E402  (the staged add-on, as Blender imports it)
 
-    client = bc.BackendClient(sys.executable, ext, log_path=tmp / "backend.log", cache_dir=tmp / "cache",
-                              extra_args=["--runner", "fake"])
+    for transport in args.transport:
+        print(f"-- transport: {transport}")
+        server = None
+        if transport == "pipe":
+            client = bc.BackendClient(sys.executable, ext, log_path=tmp / "backend.log", cache_dir=tmp / "cache",
+                                      extra_args=["--runner", "fake"])
+        else:
+            server, client = _tcp_backend(bc, tmp, tls=transport == "tls")
+        try:
+            _round_trips(client, args)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(10)
+    if not args.no_baseline:
+        nbytes = int(max(args.mb) * 1e6)
+        times = raw_pipe_baseline(nbytes, args.repeat)
+        size = nbytes / 1e6
+        best, med = min(times), statistics.median(times)
+        print(f"{size:7.1f} MB bare pipe echo (no protocol, same machine state): best {best * 1e3:8.1f} ms, "
+              f"median {med * 1e3:8.1f} ms | payload {size / best:7.0f} MB/s (median {size / med:5.0f})")
+    try:
+        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    except OSError:
+        pass
+    return 0
+
+
+def _tcp_backend(bc, tmp: Path, tls: bool):
+    """A ``serve --listen 127.0.0.1:0`` fake backend (token; TLS with a throwaway certificate) and its client."""
+    import subprocess
+
+    from backend.transport import write_token_file
+
+    token = write_token_file(tmp / "token", overwrite=True)
+    argv = [sys.executable, "-m", "backend", "serve", "--listen", "127.0.0.1:0", "--runner", "fake",
+            "--token-file", str(tmp / "token"), "--cache-dir", str(tmp / "cache-tcp"), "--log", str(tmp / "tcp.log")]
+    cert = None
+    if tls:
+        cert, key = _self_signed(tmp)
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+    server = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                              text=True)
+    line = server.stdout.readline()
+    port = int(line.rsplit(":", 1)[1])
+    return server, bc.RemoteBackendClient("127.0.0.1", port, token, tls=tls, ca_file=cert, cache_dir=tmp / "cache-c")
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True).sign(key, hashes.SHA256()))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                    serialization.NoEncryption()))
+    return tmp / "cert.pem", tmp / "key.pem"
+
+
+def _round_trips(client, args) -> None:
+    """Ping/pong round trips of every payload size through ``client``; prints one line per size."""
     t = time.perf_counter()
     client.start()
     client.wait_for(lambda m: m["type"] == "status", 60)
@@ -136,18 +212,6 @@ def main() -> int:
                   f"pipe (both ways) {2 * size / best:7.0f} MB/s")
     finally:
         client.stop()
-    if not args.no_baseline:
-        nbytes = int(max(args.mb) * 1e6)
-        times = raw_pipe_baseline(nbytes, args.repeat)
-        size = nbytes / 1e6
-        best, med = min(times), statistics.median(times)
-        print(f"{size:7.1f} MB bare pipe echo (no protocol, same machine state): best {best * 1e3:8.1f} ms, "
-              f"median {med * 1e3:8.1f} ms | payload {size / best:7.0f} MB/s (median {size / med:5.0f})")
-    try:
-        print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
-    except OSError:
-        pass
-    return 0
 
 
 if __name__ == "__main__":

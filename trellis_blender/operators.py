@@ -45,6 +45,8 @@ JOB_TIMEOUT_S = 6 * 3600.0
 def _client_factory():
     """Start the backend client with the current preferences (raises RuntimeError with a reason)."""
     prefs = get_prefs()
+    if prefs.backend_mode == "REMOTE":
+        return _remote_client(prefs)
     python = bpy.path.abspath(prefs.backend_python) if prefs.backend_python else ""
     if not python:
         raise RuntimeError("Backend Python not set (Preferences › Add-ons › TRELLIS.2)")
@@ -60,6 +62,20 @@ def _client_factory():
         model_dir=bpy.path.abspath(prefs.model_dir) if prefs.model_dir else None,
         device=prefs.device.lower(), low_vram=bool(prefs.low_vram),
         idle_unload_min=float(prefs.idle_unload_minutes))
+
+
+def _remote_client(prefs):
+    """A client of a remote backend (``trellis2 serve --listen``) from the preferences."""
+    from . import backend_client
+
+    host = prefs.remote_host.strip()
+    if not host:
+        raise RuntimeError("Remote backend host not set (Preferences › Add-ons › TRELLIS.2)")
+    ca = bpy.path.abspath(prefs.remote_ca_file) if prefs.remote_tls and prefs.remote_ca_file else None
+    if ca and not os.path.isfile(ca):
+        raise RuntimeError(f"CA file not found: {ca}")
+    return backend_client.RemoteBackendClient(host, int(prefs.remote_port), prefs.remote_token or None,
+                                              tls=bool(prefs.remote_tls), ca_file=ca, cache_dir=cache_dir(prefs))
 
 
 def manager() -> jobs.JobManager:
@@ -226,8 +242,18 @@ def _common_request(context) -> dict:
     return req
 
 
+def backend_configured(context) -> bool:
+    """A backend can be used: a remote one with a host, or a local one with its Python set."""
+    prefs = get_prefs(context)
+    if prefs.backend_mode == "REMOTE":
+        return bool(prefs.remote_host.strip())
+    return bool(prefs.backend_python)
+
+
 def check_backend_configured(context) -> Optional[str]:
     prefs = get_prefs(context)
+    if prefs.backend_mode == "REMOTE":
+        return None if prefs.remote_host.strip() else "Remote backend host not set (Preferences › Add-ons › TRELLIS.2)"
     if not prefs.backend_python:
         return "Backend Python not set (Preferences › Add-ons › TRELLIS.2)"
     python = bpy.path.abspath(prefs.backend_python)
@@ -431,8 +457,8 @@ def _poll_common(cls, context) -> bool:
     if job_running():
         cls.poll_message_set("A TRELLIS job is running (cancel it first)")
         return False
-    if not get_prefs(context).backend_python:
-        cls.poll_message_set("Set the backend Python in Preferences › Add-ons › TRELLIS.2")
+    if not backend_configured(context):
+        cls.poll_message_set("Set the backend Python (or a remote backend) in Preferences › Add-ons › TRELLIS.2")
         return False
     return True
 
@@ -689,8 +715,8 @@ class TRELLIS_OT_backend(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if not get_prefs(context).backend_python:
-            cls.poll_message_set("Set the backend Python in Preferences › Add-ons › TRELLIS.2")
+        if not backend_configured(context):
+            cls.poll_message_set("Set the backend Python (or a remote backend) in Preferences › Add-ons › TRELLIS.2")
             return False
         return True
 

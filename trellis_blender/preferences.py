@@ -48,6 +48,12 @@ def cache_dir(prefs=None) -> Path:
     return path
 
 
+def _is_loopback(host: str) -> bool:
+    from .backend.transport import is_loopback
+
+    return is_loopback(host.strip())
+
+
 def default_env_dir() -> str:
     try:
         return bpy.utils.extension_path_user(ADDON, path="backend_env", create=False)
@@ -107,8 +113,25 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
                     "without it, images need transparency or a plain single-colour background")
     device: EnumProperty(
         name="Device", default="AUTO",
-        items=(("AUTO", "Auto", "CUDA when available, else CPU"), ("CUDA", "CUDA", "NVIDIA GPU"),
+        items=(("AUTO", "Auto", "CUDA when available, else Apple MPS, else CPU"), ("CUDA", "CUDA", "NVIDIA GPU"),
+               ("MPS", "Apple GPU (MPS)", "Apple silicon through torch's Metal backend (fp16/fp32)"),
                ("CPU", "CPU", "Very slow; for testing")))
+    backend_mode: EnumProperty(
+        name="Backend", default="LOCAL",
+        items=(("LOCAL", "Local", "Start the backend on this computer (its own Python, over pipes; no network port)"),
+               ("REMOTE", "Remote", "Use a backend another machine runs with 'trellis2 serve --listen' (a GPU box)")),
+        description="Where generation runs")
+    remote_host: StringProperty(name="Host", default="127.0.0.1",
+                                description="Name or address of the machine running 'trellis2 serve --listen'")
+    remote_port: IntProperty(name="Port", default=47860, min=1, max=65535)
+    remote_token: StringProperty(
+        name="Token", subtype="PASSWORD",
+        description="The token of the remote backend (the content of its --token-file; made with 'trellis2 token')")
+    remote_tls: BoolProperty(name="TLS", default=False,
+                             description="Encrypt the connection (the backend runs with --tls-cert/--tls-key)")
+    remote_ca_file: StringProperty(
+        name="CA file", subtype="FILE_PATH",
+        description="Certificate to trust for TLS (e.g. the backend's self-signed cert.pem); empty: the system CAs")
     low_vram: BoolProperty(
         name="Low VRAM", default=False,
         description="Keep only the running model on the GPU (slower, fits 16 GB cards)")
@@ -134,6 +157,21 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         layout = self.layout
         box = layout.box()
         box.label(text="Backend", icon="CONSOLE")
+        box.row().prop(self, "backend_mode", expand=True)
+        if self.backend_mode == "REMOTE":
+            row = box.row(align=True)
+            row.prop(self, "remote_host")
+            row.prop(self, "remote_port")
+            box.prop(self, "remote_token")
+            row = box.row(align=True)
+            row.prop(self, "remote_tls")
+            sub = row.row()
+            sub.enabled = self.remote_tls
+            sub.prop(self, "remote_ca_file")
+            if not self.remote_tls and not _is_loopback(self.remote_host):
+                box.label(text="Without TLS the token, images and meshes cross the network in clear", icon="ERROR")
+            box.label(text="Model folders and device are the remote backend's own; images are sent to it",
+                      icon="INFO")
         box.prop(self, "backend_python")
         row = box.row(align=True)
         row.operator("trellis.check_backend", icon="CHECKMARK")

@@ -32,7 +32,8 @@ def _thumbnail(path: str) -> int:
 def _backend_python_set(context) -> bool:
     from .preferences import get_prefs
 
-    return bool(get_prefs(context).backend_python)
+    prefs = get_prefs(context)
+    return bool(prefs.remote_host.strip()) if prefs.backend_mode == "REMOTE" else bool(prefs.backend_python)
 
 
 def _draw_numerical_fix(layout, context) -> None:
@@ -77,8 +78,14 @@ class TRELLIS_PT_main(bpy.types.Panel):
             op.action = "STOP"
         if st.backend_info:
             box.label(text=st.backend_info)
+        from .preferences import get_prefs
+
+        prefs = get_prefs(context)
+        if prefs.backend_mode == "REMOTE":
+            lock = "LOCKED" if prefs.remote_tls else "UNLOCKED"
+            box.label(text=f"Remote: {prefs.remote_host}:{prefs.remote_port}", icon=lock)
         if not _backend_python_set(context):
-            box.label(text="Set the backend Python in Preferences", icon="INFO")
+            box.label(text="Set the backend Python (or a remote backend) in Preferences", icon="INFO")
 
         # Error box
         if st.error:

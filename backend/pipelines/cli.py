@@ -28,7 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="pipeline folder (pipeline.json, texturing_pipeline.json, ckpts/)")
     p.add_argument("--dinov3-dir", help="DINOv3 ViT-L/16 folder (config.json + model.safetensors)")
     p.add_argument("--ss-decoder-dir", help="folder with ss_dec_conv3d_16l8_fp16.json/.safetensors (TRELLIS v1)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N | mps (default auto: CUDA, else Apple MPS, else CPU)")
     p.add_argument("--low-vram", action="store_true", help="keep only the running stage's model on the GPU")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="flow transformers' dtype (auto: bf16 on RTX 30xx/A100+, fp16 on older GPUs, fp32 on CPU)")

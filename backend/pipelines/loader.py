@@ -46,14 +46,36 @@ SS_ENCODER_KEY = "sparse_structure_encoder"
 SS_ENCODER_STEM = "ss_enc_conv3d_16l8_fp16"
 
 
+def mps_available() -> bool:
+    """Apple's Metal backend is built into this torch and usable on this machine."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → first CUDA device if available else CPU; otherwise ``torch.device(device)``."""
+    """``"auto"`` → the first CUDA device, else Apple ``mps``, else CPU; otherwise ``torch.device(device)``.
+
+    Only a CUDA device (asked for, or found by ``auto``) ever touches ``torch.cuda``."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BadInput(f"device {device!r} requested but CUDA is not available; use --device cpu.")
+    if dev.type == "mps" and not mps_available():
+        raise BadInput(f"device {device!r} requested but this torch has no usable MPS (Apple GPU); use --device cpu.")
     return dev
+
+
+def empty_cache(device: torch.device) -> None:
+    """Give the device allocator's cached blocks back (CUDA or MPS); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        mps = getattr(torch, "mps", None)
+        if mps is not None and hasattr(mps, "empty_cache"):
+            mps.empty_cache()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -236,11 +258,10 @@ class ModelManager:
         finally:
             if self.low_vram:
                 m.to("cpu")
-                torch.cuda.empty_cache()
+                empty_cache(self.device)
 
     def unload(self, key: str | None = None) -> None:
         """Drop one (or every) loaded model."""
         for k in ([key] if key else list(self.models)):
             self.models.pop(k, None)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(self.device)

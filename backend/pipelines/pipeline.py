@@ -39,7 +39,8 @@ from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, J
 from .. import validation as _validation
 from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
-from .loader import DINOV3_KEY, REMBG_KEY, SS_ENCODER_KEY, SS_ENCODER_STEM, ModelManager, PipelineConfig, resolve_device
+from .loader import (DINOV3_KEY, REMBG_KEY, SS_ENCODER_KEY, SS_ENCODER_STEM, ModelManager, PipelineConfig, empty_cache,
+                     resolve_device)
 from .preprocess import BackgroundRemover, imagenet_tensor, preprocess_with_info
 from .cancel_scope import checking, current_check
 from .guide import GuideMesh
@@ -81,6 +82,10 @@ def model_dtypes(precision: str, device: torch.device) -> tuple[torch.dtype | No
         raise BadInput(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return torch.float32, torch.float32
+    if device.type == "mps":   # Apple GPUs: fp16 (auto) or fp32; no bf16 policy there
+        if precision == "bf16":
+            raise BadInput("precision bf16 is not offered on Apple MPS: use fp16 (auto) or fp32.", field="precision")
+        return torch.float16, torch.float16
     if precision == "auto":
         return (None if device.type != "cuda" or _native_bf16(device) else torch.float16), None
     return (torch.bfloat16 if precision == "bf16" else torch.float16), None
@@ -162,8 +167,7 @@ class _Run:
                 yield
         except torch.OutOfMemoryError as e:
             gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            empty_cache(self.device)
             raise OutOfMemory(f"The GPU ran out of memory during the '{name}' stage.", stage=name) from e
         except RuntimeError as e:
             if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
@@ -610,8 +614,7 @@ class Trellis2Pipelines:
         state.hr_coords, state.hr_feats = shape.coords.cpu().numpy(), shape.feats.cpu().numpy()
         state.resolution = res
         tex = self.sample_tex_slat(run, f"tex_slat_flow_model_{tex_model}", cond, shape, gen, sp.get("tex_slat"))
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        empty_cache(self.device)
         out = self.decode(run, shape, tex, res)
         del shape, tex
         return GenerationResult(pipeline_type=state.pipeline_type, seed=state.seed, resolution=res, state=state,
