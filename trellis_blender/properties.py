@@ -95,6 +95,8 @@ class TRELLIS_PG_settings(bpy.types.PropertyGroup):
 
 class TRELLIS_PG_history_item(bpy.types.PropertyGroup):
     # ``name`` (from PropertyGroup) holds the job id.
+    title: StringProperty(name="Title", description="The input image's name")
+    error: StringProperty(name="Error", description="Why the job failed")
     kind: StringProperty(name="Kind")
     pipeline: StringProperty(name="Pipeline")
     seed: IntProperty(name="Seed")
@@ -119,7 +121,11 @@ class TRELLIS_PG_state(bpy.types.PropertyGroup):
     step: IntProperty(name="Step")
     total: IntProperty(name="Total")
     eta: FloatProperty(name="ETA")
-    progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR")
+    progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR",
+                            description="The whole job (learned stage durations), else the current stage")
+    stage_progress: FloatProperty(name="Stage Progress", min=0.0, max=1.0, subtype="FACTOR")
+    job_eta: FloatProperty(name="Job ETA", default=-1.0, description="Seconds left in the whole job (-1: unknown)")
+    result_note: StringProperty(name="Result Note", description="What to know about the last result")
     error: StringProperty(name="Error")
     error_hint: StringProperty(name="Hint")
     error_kind: StringProperty(name="Error Kind", description="The backend's error kind (oom, numerical, …)")

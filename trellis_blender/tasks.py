@@ -378,6 +378,45 @@ def _model_folder_status(path: str, kind: str) -> tuple[str, str]:
     return ("CHECKMARK", f"{label}: {len(weights)} weight files, {size / 2**30:.2f} GiB")
 
 
+def model_folder_problem(path: str, kind: str) -> Optional[str]:
+    """Why a *set* model folder cannot be used (None when it can, or when it is not set)."""
+    if not path:
+        return None
+    icon, text = _model_folder_status(path, kind)
+    return text if icon == "ERROR" else None
+
+
+def find_model_folder(path: str, kind: str) -> Optional[str]:
+    """The usable model folder meant by ``path`` when ``path`` itself is not one: the single valid
+    child folder (the folder holding the download), or a Hugging Face cache repo's snapshot
+    (``models--org--name/snapshots/<rev>``). None when ``path`` is fine or nothing fits."""
+    if not path or not model_folder_problem(path, kind):
+        return None
+    root = Path(os.path.expanduser(path))
+    if not root.is_dir():
+        return None
+    candidates: list[Path] = []
+    try:
+        for child in sorted(root.iterdir()):
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            candidates.append(child)
+            snaps = child / "snapshots" if child.name != "snapshots" else child
+            if snaps.is_dir():
+                candidates += sorted(p for p in snaps.iterdir() if p.is_dir())
+        if (root / "snapshots").is_dir():
+            candidates += sorted(p for p in (root / "snapshots").iterdir() if p.is_dir())
+    except OSError:
+        return None
+    valid = {str(c) for c in candidates if _model_folder_status(str(c), kind)[0] != "ERROR"}
+    return valid.pop() if len(valid) == 1 else None
+
+
+def forget_folder_status() -> None:
+    """Drop the cached folder statuses (a folder preference changed)."""
+    _STATUS_CACHE.clear()
+
+
 # --- model downloads (only when Blender's online access is on and the user asked) -------------------
 
 DOWNLOADS: tuple[tuple[str, str, Optional[list]], ...] = (

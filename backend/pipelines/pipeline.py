@@ -441,9 +441,9 @@ class Trellis2Pipelines:
                 if coords.shape[0] < self.max_num_tokens or nominal <= 1024:
                     break
                 nominal -= 128
-            if nominal != nominal_hr:
-                log.info("Due to the limited number of tokens (%d allowed), the resolution is reduced to %d.",
-                         self.max_num_tokens, nominal)
+            if nominal != nominal_hr:  # a warning: forwarded to the add-on, which notes it on the result
+                log.warning("Due to the limited number of tokens (%d allowed), the resolution is reduced to %d.",
+                            self.max_num_tokens, nominal)
             del hr_coords
         return coords, hr_res
 
