@@ -19,18 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import core
+from .backend.errors import HINTS
 
-ERROR_HINTS = {
-    "oom": "Out of GPU memory: try the 1024 cascade, Low VRAM, a lower Max Tokens, or a smaller texture size.",
-    "numerical": "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again.",
-    "missing_dependency": "The backend environment lacks a package: run Check Backend in Preferences.",
-    "missing_weights": "Model weights not found: check the model folders in Preferences.",
-    "bad_input": "Check the input image / mesh.",
-    "crashed": "The backend process stopped: open the log, then restart it.",
-    "not_configured": "Set the backend Python in Preferences › Add-ons › TRELLIS.2.",
-    "start_failed": "The backend did not start: check the backend Python in Preferences, then Restart.",
-    "protocol": "Backend and add-on versions do not match: reinstall the extension.",
-}
+#: Advice per error kind: the one table in ``backend/errors.py`` (shared with the backend).
+ERROR_HINTS = HINTS
 STAGE_LABELS = {
     "preprocess": "Preprocess", "cond": "Image features", "sparse_structure": "Structure",
     "shape_slat": "Shape", "shape_slat_lr": "Shape LR", "shape_slat_hr": "Shape HR", "shape_lr": "Shape LR",

@@ -11,6 +11,8 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
                        PointerProperty, StringProperty)
 
+from .backend.contract import DEFAULT_SEED
+
 PIPELINES = (
     ("512", "512", "Fast preview (512³ sparse structure)"),
     ("1024", "1024", "1024 direct"),
@@ -62,7 +64,7 @@ class TRELLIS_PG_settings(bpy.types.PropertyGroup):
     cutout_info: StringProperty(name="Cut-out Info")
     cutout_note: StringProperty(name="Cut-out Note")
     pipeline: EnumProperty(name="Pipeline", items=PIPELINES, default="1024_cascade")
-    seed: IntProperty(name="Seed", default=42, min=0, max=2**31 - 1)
+    seed: IntProperty(name="Seed", default=DEFAULT_SEED, min=0, max=2**31 - 1)
     randomize_seed: BoolProperty(name="Randomize", default=False, description="A new random seed for each run")
     ss_steps: IntProperty(name="Steps", default=12, min=1, max=100, description="Sparse-structure sampler steps")
     ss_guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=20.0, description="Sparse-structure CFG")
