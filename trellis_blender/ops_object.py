@@ -78,7 +78,9 @@ class TRELLIS_OT_object_retexture(JobOperator, bpy.types.Operator):
         return poll_common(cls, context) and _needs_job_image(cls, context)
 
     def execute(self, context):
-        return bpy.ops.trellis.texture_selected(filepath=object_job_image(context.active_object))
+        obj = context.active_object
+        obj.select_set(True)   # Texture Selected works on the selection; the active object is the point here
+        return bpy.ops.trellis.texture_selected(filepath=object_job_image(obj))
 
 
 class TRELLIS_OT_object_use_settings(bpy.types.Operator):

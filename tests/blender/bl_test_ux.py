@@ -171,6 +171,12 @@ def test_selected_trellis_object_section_and_actions(addon, fake, tmp_path):
         assert op in ops
     assert bpy.ops.trellis.object_retexture.poll() and bpy.ops.trellis.object_rerun.poll()
 
+    # Re-texture: a texture job on the active object (selected for it) from the job's stored image
+    obj.select_set(False)
+    assert bpy.ops.trellis.object_retexture() == {"FINISHED"}, bpy.context.window_manager.trellis2.error
+    tex = [r for r in fake.jobs.values() if r.kind == "texture"]
+    assert len(tex) == 1 and tex[0].status == "done" and obj["trellis2_job"] in tex[0].request["image"]
+    assert obj.get("trellis2_texture_job") == tex[0].job_id and obj.select_get()
     # Re-run: the job's stored image, same pipeline, a new seed, a new object
     first = obj["trellis2_job"]
     assert bpy.ops.trellis.object_rerun() == {"FINISHED"}
