@@ -11,7 +11,7 @@ from typing import Optional
 import bpy
 import numpy as np
 
-from . import cutout, jobs, materials, mesh_import, texture_objects, views
+from . import cutout, jobs, materials, mesh_import, mesh_read, texture_objects, views
 from .preferences import cache_dir
 
 # --------------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def bake_textures_onto(context, obj, arrays: dict, resolution: int, size: int, s
     from .backend.ovoxel.uvbake import bake_attributes
 
     me = obj.data
-    loop_uv, tri = mesh_import.smart_uv_corners(context, obj)
+    loop_uv, tri = mesh_read.smart_uv_corners(context, obj)
     uv = np.asarray(tri["uv"], dtype=np.float32).reshape(-1, 3, 2)
     coords = np.asarray(arrays["coords"])
     attrs = np.asarray(arrays["attrs"], dtype=np.float32)

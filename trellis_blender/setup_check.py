@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import bpy
 from bpy.props import StringProperty
 
-from . import tasks
+from . import model_folders
 
 FOLDER_PREFS = (("model_dir", "trellis"), ("dinov3_dir", "dinov3"), ("rembg_dir", "rembg"))
 
@@ -21,9 +21,9 @@ def folder_update(prop: str, kind: str):
     """``update`` callback of a model-folder preference: re-check it at once and, when the folder
     picked is the one *holding* the model (or a Hugging Face cache repo), switch to the model folder."""
     def update(self, context) -> None:
-        tasks.forget_folder_status()
+        model_folders.forget_folder_status()
         path = getattr(self, prop)
-        fixed = tasks.find_model_folder(bpy.path.abspath(path), kind) if path else None
+        fixed = model_folders.find_model_folder(bpy.path.abspath(path), kind) if path else None
         if fixed:
             setattr(self, prop, fixed)   # runs this callback again, now with a valid folder
     return update
@@ -33,7 +33,7 @@ def folder_problems(prefs) -> list[str]:
     """Problems of the model folders that are set (a folder left empty is not a problem here)."""
     out = []
     for prop, kind in FOLDER_PREFS:
-        problem = tasks.model_folder_problem(bpy.path.abspath(getattr(prefs, prop)), kind)
+        problem = model_folders.model_folder_problem(bpy.path.abspath(getattr(prefs, prop)), kind)
         if problem:
             out.append(problem)
     return out
@@ -62,7 +62,7 @@ def setup_items(prefs) -> list[SetupItem]:
                                              "not found" if problem else "set"),
                        "ERROR" if problem else "CHECKMARK", problem is None)]
     for prop, kind in FOLDER_PREFS:
-        icon, text = tasks.model_folder_status(bpy.path.abspath(getattr(prefs, prop)), kind)
+        icon, text = model_folders.model_folder_status(bpy.path.abspath(getattr(prefs, prop)), kind)
         ok = icon == "CHECKMARK" or (kind != "trellis" and icon == "INFO")   # optional / backend default
         items.append(SetupItem(text, icon, ok))
     return items
