@@ -22,7 +22,7 @@ HINTS: dict[str, str] = {
     "missing_weights": "Model weights not found: check the model folders in Preferences.",
     "bad_input": "Check the input image / mesh.",
     "crashed": "The backend process stopped: open the log, then restart it.",
-    "not_configured": "Set the backend Python in Preferences › Add-ons › TRELLIS.2.",
+    "not_configured": "Finish the setup in Preferences › Add-ons › TRELLIS.2 (backend Python, model folders).",
     "start_failed": "The backend did not start: check the backend Python in Preferences, then Restart.",
     "protocol": "Backend and add-on versions do not match: reinstall the extension.",
 }

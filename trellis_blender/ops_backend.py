@@ -61,14 +61,16 @@ class TRELLIS_OT_backend(bpy.types.Operator):
         return True
 
     def execute(self, context):
+        problem = check_backend_configured(context) if self.action in ("START", "RESTART") else None
+        if problem:   # a setup problem: Preferences help, a restart would not
+            set_error(context.window_manager, problem, jobs.ERROR_HINTS["not_configured"], "not_configured")
+            self.report({"WARNING"} if bpy.app.background else {"ERROR"}, problem)
+            return {"CANCELLED"}
         m = manager()
         try:
             if self.action in ("STOP", "RESTART"):
                 m.stop()
             if self.action in ("START", "RESTART"):
-                problem = check_backend_configured(context)
-                if problem:
-                    raise RuntimeError(problem)
                 m.ensure_started()
                 context.window_manager.trellis2.error = ""
                 start_polling()

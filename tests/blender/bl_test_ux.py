@@ -96,6 +96,11 @@ def test_model_folder_validated_when_set(addon, clean_scene, saved_prefs, tmp_pa
     assert "preferences.addon_show" in ops and "trellis.backend" in ops   # backend row keeps Start
     err_ops = _error_ops(addon)
     assert "preferences.addon_show" in err_ops and ("trellis.backend", "RESTART") not in err_ops
+    # starting the backend by hand meets the same check: a setup error, not a backend failure
+    assert bpy.ops.trellis.backend(action="START") == {"CANCELLED"}
+    assert "missing pipeline.json" in st.error and st.error_kind == "not_configured" and runtime.manager is None
+    assert "model folders" in st.error_hint
+    assert ("trellis.backend", "RESTART") not in _error_ops(addon)
 
 
 def _error_ops(addon) -> list:
