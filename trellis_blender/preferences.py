@@ -14,7 +14,7 @@ import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, IntProperty, StringProperty
 
 from . import runtime, tasks
-from .setup_check import TRELLIS_PG_preset, folder_update  # issue 16: presets, folder validation
+from .setup_check import TRELLIS_PG_preset, draw_presets_box, folder_update  # issue 16: presets, folders
 
 ADDON = __package__
 PRECISIONS = (
@@ -206,6 +206,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         box.prop(self, "max_tokens")
         box.prop(self, "idle_unload_minutes")
         box.prop(self, "cache_dir")
+        draw_presets_box(layout, self)   # issue 16: the user's presets
 
 
 class TRELLIS_OT_create_backend_env(bpy.types.Operator):

@@ -76,3 +76,15 @@ class TRELLIS_PG_preset(bpy.types.PropertyGroup):
     """A user preset: ``name`` and the panel settings it stores (JSON, see ``core.PRESET_FIELDS``)."""
 
     data: StringProperty(name="Settings", description="The stored panel settings (JSON)")
+
+
+def draw_presets_box(layout, prefs) -> None:
+    """The user's presets in the preferences (rename, delete); they are saved from the panel."""
+    box = layout.box()
+    box.label(text="Presets", icon="PRESET")
+    if not len(prefs.presets):
+        box.label(text="Save your own with + next to the panel's Presets menu", icon="INFO")
+    for item in prefs.presets:
+        row = box.row(align=True)
+        row.prop(item, "name", text="")
+        row.operator("trellis.preset_remove", text="", icon="X").name = item.name

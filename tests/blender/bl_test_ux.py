@@ -247,6 +247,12 @@ def test_presets_round_trip(addon, clean_scene, saved_prefs):
     applied = [c["set"]["name"] for c in menu.calls if c["fn"] == "operator"
                and c["args"]["operator"] == "trellis.preset_apply"]
     assert applied == ["Draft", "Standard", "Best", "Mine"]
+    # the preferences list them (rename / delete there)
+    layout = draw_panel(type(saved_prefs), wrapped=saved_prefs)
+    names = [c for c in layout.calls if c["fn"] == "prop" and c["args"]["property"] == "name"]
+    assert len(names) == 1 and names[0]["args"]["data"] == stored[0]
+    assert any(c["fn"] == "operator" and c["args"]["operator"] == "trellis.preset_remove"
+               and c["set"]["name"] == "Mine" for c in layout.calls)
     # saving again under the same name replaces; remove deletes
     settings.shape_steps = 31
     assert bpy.ops.trellis.preset_save(name="Mine") == {"FINISHED"}
