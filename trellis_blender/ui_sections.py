@@ -127,12 +127,15 @@ class TRELLIS_PT_object(bpy.types.Panel):
         return obj is not None and obj.type == "MESH"
 
     def draw(self, context):
-        from .ops_object import object_job
+        from .ops_object import object_job, object_job_image
 
         layout = self.layout
         obj = context.active_object
         col = layout.column(align=True)
         job = obj.get("trellis2_job")
+        thumb = _thumbnail(object_job_image(obj) or "")
+        if thumb:   # the image it was made from
+            col.template_icon(icon_value=thumb, scale=3.0)
         if job:
             col.label(text=f"{obj.name}: seed {obj.get('trellis2_seed', '?')} · {obj.get('trellis2_pipeline', '?')}",
                       icon="MESH_MONKEY")
@@ -154,6 +157,7 @@ class TRELLIS_PT_object(bpy.types.Panel):
             row.operator("trellis.upscale", text="Upscale", icon="MOD_SUBSURF")
         if object_job(obj):
             row.operator("trellis.object_retexture", icon="TEXTURE")
+        if job:
             row.operator("trellis.object_rerun", icon="FILE_REFRESH")
             layout.operator("trellis.object_use_settings", icon="COPYDOWN")
         else:

@@ -205,6 +205,11 @@ def test_selected_mesh_without_uvs(addon, clean_scene, saved_prefs):
     layout = draw_panel(our_class(addon, "TRELLIS_PT_object"))
     texts = layout.texts()
     assert "Plain: not made by TRELLIS" in texts
+    obj["trellis2_texture_job"] = "texture-x"          # textured by TRELLIS: Re-texture, but no Re-run
+    ops = draw_panel(our_class(addon, "TRELLIS_PT_object")).operators()
+    assert "trellis.object_retexture" in ops and "trellis.object_rerun" not in ops
+    assert not bpy.ops.trellis.object_rerun.poll()
+    del obj["trellis2_texture_job"]
     assert "No UV map: Texture Selected will create 'TRELLIS_UV'" in texts
     ops = layout.operators()
     assert "trellis.texture_selected" in ops and "trellis.object_rerun" not in ops and "trellis.upscale" not in ops
