@@ -3,7 +3,7 @@ no imports of its own, so every side can use it without an import cycle)."""
 
 from __future__ import annotations
 
-__all__ = ["PIPELINE_TYPES", "STAGE_PARAM_KEYS", "MULTIVIEW_MODES", "BACKGROUND_MODES", "GUIDE_FRAMES"]
+__all__ = ["PIPELINE_TYPES", "STAGE_PARAM_KEYS", "MULTIVIEW_MODES", "BACKGROUND_MODES", "GUIDE_FRAMES", "DEFAULT_SEED"]
 
 #: image → 3D pipeline types (official names)
 PIPELINE_TYPES: tuple[str, ...] = ("512", "1024", "1024_cascade", "1536_cascade")
@@ -15,3 +15,5 @@ MULTIVIEW_MODES: tuple[str, ...] = ("stochastic", "multidiffusion")
 BACKGROUND_MODES: tuple[str, ...] = ("auto", "remove", "keep")
 #: how a blockout's coordinates are read: ``fit`` into the unit cube, or already in it (``unit``)
 GUIDE_FRAMES: tuple[str, ...] = ("fit", "unit")
+#: the seed a job uses when none is given (pipelines, CLI, the panel's default)
+DEFAULT_SEED: int = 42

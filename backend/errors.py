@@ -7,7 +7,25 @@ Every error a user can cause or fix carries a human-readable message (``str(err)
 
 from __future__ import annotations
 
-__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "NumericalError", "Cancelled"]
+__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "NumericalError", "Cancelled", "HINTS"]
+
+#: The one table of what to do about each error kind (the protocol's ``kind``), used for the typed
+#: errors' default advice here and by the add-on (``jobs.ERROR_HINTS``) when a frame brings none or
+#: the error is the add-on's own (``not_configured``, ``start_failed``, ``crashed``).
+HINTS: dict[str, str] = {
+    "oom": "Try a lower resolution pipeline (512 or 1024_cascade instead of 1536_cascade), enable low-VRAM "
+           "mode, lower Max Tokens, close other GPU applications, or lower the texture size.",
+    "numerical": "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again.",
+    "numerical_fp32": "Computed in fp32 already, so not a precision problem: check guidance/steps, or "
+                      "re-download the model files.",
+    "missing_dependency": "The backend environment lacks a package: run Check Backend in Preferences.",
+    "missing_weights": "Model weights not found: check the model folders in Preferences.",
+    "bad_input": "Check the input image / mesh.",
+    "crashed": "The backend process stopped: open the log, then restart it.",
+    "not_configured": "Finish the setup in Preferences › Add-ons › TRELLIS.2 (backend Python, model folders).",
+    "start_failed": "The backend did not start: check the backend Python in Preferences, then Restart.",
+    "protocol": "Backend and add-on versions do not match: reinstall the extension.",
+}
 
 
 class Trellis2Error(Exception):
@@ -66,9 +84,7 @@ class OutOfMemory(Trellis2Error, MemoryError):
 
     def __init__(self, message: str = "The GPU ran out of memory.", *, stage: str | None = None,
                  advice: str | None = None) -> None:
-        super().__init__(message, advice=advice or (
-            "Try a lower resolution pipeline (512 or 1024_cascade instead of 1536_cascade), "
-            "enable low-VRAM mode, close other GPU applications, or lower the texture size."))
+        super().__init__(message, advice=advice or HINTS["oom"])
         self.stage = stage
 
 
@@ -80,11 +96,7 @@ class NumericalError(Trellis2Error):
 
     def __init__(self, message: str, *, stage: str | None = None, advice: str | None = None,
                  precision_related: bool = True) -> None:
-        super().__init__(message, advice=advice or (
-            "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again."
-            if precision_related else
-            "Computed in fp32 already, so not a precision problem: check guidance/steps, or re-download "
-            "the model files."))
+        super().__init__(message, advice=advice or HINTS["numerical" if precision_related else "numerical_fp32"])
         self.stage = stage
         self.precision_related = precision_related
 

@@ -322,3 +322,20 @@ def test_cpu_mesh_extraction_in_a_killable_child(monkeypatch):
     with pytest.raises(Cancelled):
         PL.fdg_to_mesh(*args, tick=cancel)
     assert len(children) == 1 and children[0].poll() is not None
+
+
+def test_token_budget_step_down_reaches_the_addon_as_a_warning(pipe, image, caplog):
+    """The step-down is logged at WARNING (the server forwards WARNING+ as ``log`` frames) in the words
+    the add-on parses into the result's note."""
+    import logging
+
+    from trellis_blender import core
+
+    try:
+        pipe.max_num_tokens = 1
+        with caplog.at_level(logging.WARNING):
+            pipe.generate(image, "1536_cascade", seed=3)
+    finally:
+        pipe.max_num_tokens = 49152
+    notes = [core.token_budget_note(r.getMessage()) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert {"max_tokens": 1, "resolution": 1024} in notes

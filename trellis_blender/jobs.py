@@ -18,16 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-ERROR_HINTS = {
-    "oom": "Out of GPU memory: try the 1024 cascade, Low VRAM, a lower Max Tokens, or a smaller texture size.",
-    "numerical": "Set Precision to fp32 (or bf16 on an NVIDIA RTX 30xx / A100 or newer) and run again.",
-    "missing_dependency": "The backend environment lacks a package: run Check Backend in Preferences.",
-    "missing_weights": "Model weights not found: check the model folders in Preferences.",
-    "bad_input": "Check the input image / mesh.",
-    "crashed": "The backend process stopped: open the log, then restart it.",
-    "not_configured": "Set the backend Python in Preferences › Add-ons › TRELLIS.2.",
-    "protocol": "Backend and add-on versions do not match: reinstall the extension.",
-}
+from . import core
+from .backend.errors import HINTS
+
+#: Advice per error kind: the one table in ``backend/errors.py`` (shared with the backend).
+ERROR_HINTS = HINTS
 STAGE_LABELS = {
     "preprocess": "Preprocess", "cond": "Image features", "sparse_structure": "Structure",
     "shape_slat": "Shape", "shape_slat_lr": "Shape LR", "shape_slat_hr": "Shape HR", "shape_lr": "Shape LR",
@@ -100,6 +95,8 @@ class JobRecord:
     advice: str = ""
     applied: bool = False
     eta_s: Optional[float] = None
+    stage_times: list = field(default_factory=list)   # [(stage, seconds)] of the finished stages
+    notes: list = field(default_factory=list)         # backend warnings that concern this job's result
 
     @property
     def done(self) -> bool:
@@ -264,6 +261,11 @@ class JobManager:
                 self._crashed(msg.get("rc"), str(msg.get("reason") or ""))
                 if msg.get("hint"):
                     self.crash_message += f" — {msg['hint']}"
+        elif mtype == "log" and rec is None:
+            budget = core.token_budget_note(str(msg.get("text") or ""))
+            active = self.active()
+            if budget is not None and active is not None:   # one job runs at a time: the log is its
+                active.notes.append(budget)
         elif rec is None:
             if mtype == "error" and not msg.get("job"):
                 self.crash_message = str(msg.get("message", ""))
@@ -271,13 +273,18 @@ class JobManager:
         elif mtype == "progress":
             stage = str(msg.get("stage") or "")
             if stage != rec.stage:
-                rec.stage, rec.stage_started = stage, time.monotonic()
+                now = time.monotonic()
+                if rec.stage:
+                    rec.stage_times.append((rec.stage, now - rec.stage_started))
+                rec.stage, rec.stage_started = stage, now
                 rec.stage_index += 1
             rec.status = "running"
             rec.step, rec.total = int(msg.get("step") or 0), int(msg.get("total") or 0)
             rec.eta_s = msg.get("eta_s")
         elif mtype == "result":
             rec.status, rec.result, rec.finished = "done", msg, time.monotonic()
+            if rec.stage:
+                rec.stage_times.append((rec.stage, rec.finished - rec.stage_started))
         elif mtype == "error":
             rec.status, rec.finished = "failed", time.monotonic()
             rec.error_kind = str(msg.get("kind") or "internal")
@@ -307,8 +314,8 @@ class JobManager:
 def read_history(jobs_root: Path, limit: int = 200) -> list[dict]:
     """Finished and failed jobs (newest first) from the backend's job folders ``jobs_root/<id>/job.json``.
 
-    Each entry: job, kind, pipeline, seed, duration (s), status, image (input image path or ""),
-    created (epoch seconds), folder, has_result.
+    Each entry: job, title (the input image's name), kind, pipeline, seed, duration (s), status, error,
+    image (input image path or ""), created (epoch seconds), folder, has_result.
     """
     entries: list[dict] = []
     if not Path(jobs_root).is_dir():
@@ -328,7 +335,16 @@ def read_history(jobs_root: Path, limit: int = 200) -> list[dict]:
             except (OSError, ValueError, TypeError):
                 pass
         image = folder / "input" / "image.png"
+        title = core.history_title(settings)
+        if not title and meta.get("source_job"):   # an upscale: named after its source's image
+            try:
+                src = json.loads((folder.parent / str(meta["source_job"]) / "job.json").read_text(encoding="utf-8"))
+                title = core.history_title(src.get("settings") or {})
+            except (OSError, ValueError, TypeError):
+                pass
+        error = meta.get("error")
         entries.append({
+            "title": title, "error": error.get("message", "") if isinstance(error, dict) else str(error or ""),
             "job": meta.get("id", folder.name), "kind": meta.get("kind", ""),
             "pipeline": str(settings.get("pipeline_type", settings.get("target", ""))),
             "seed": int(settings.get("seed") or meta.get("seed") or 0), "duration": duration,

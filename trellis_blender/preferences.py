@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, CollectionProperty, EnumProperty, IntProperty, StringProperty
 
 from . import runtime, tasks
+from .setup_check import TRELLIS_PG_preset, draw_presets_box, folder_update  # issue 16: presets, folders
 
 ADDON = __package__
 PRECISIONS = (
@@ -103,11 +104,14 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         description="pip index (--index-url) torch is installed from when the torch build is 'Custom index', "
                     "e.g. https://download.pytorch.org/whl/cu129")
     model_dir: StringProperty(
+        update=folder_update("model_dir", "trellis"),
         name="TRELLIS.2-4B", subtype="DIR_PATH",
         description="Folder of the TRELLIS.2-4B snapshot (pipeline.json + ckpts/)")
     dinov3_dir: StringProperty(
+        update=folder_update("dinov3_dir", "dinov3"),
         name="DINOv3", subtype="DIR_PATH", description="Folder of the DINOv3 image encoder weights")
     rembg_dir: StringProperty(
+        update=folder_update("rembg_dir", "rembg"),
         name="Background removal", subtype="DIR_PATH",
         description="BiRefNet / RMBG-2.0 folder (model.safetensors), e.g. a download of ZhengPeng7/BiRefNet; "
                     "without it, images need transparency or a plain single-colour background")
@@ -152,6 +156,8 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
     allow_downloads: BoolProperty(
         name="Allow model downloads", default=False,
         description="Let the backend download missing weights (needs Blender's online access)")
+    presets: CollectionProperty(type=TRELLIS_PG_preset, name="Presets",
+                                description="Your own panel presets (issue 16)")
 
     def draw(self, context):
         layout = self.layout
@@ -238,6 +244,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         box.prop(self, "max_tokens")
         box.prop(self, "idle_unload_minutes")
         box.prop(self, "cache_dir")
+        draw_presets_box(layout, self)   # issue 16: the user's presets
 
 
 class TRELLIS_OT_create_backend_env(bpy.types.Operator):
@@ -410,7 +417,7 @@ class TRELLIS_OT_open_path(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (TRELLIS_AddonPreferences, TRELLIS_OT_create_backend_env, TRELLIS_OT_check_backend,
+CLASSES = (TRELLIS_PG_preset, TRELLIS_AddonPreferences, TRELLIS_OT_create_backend_env, TRELLIS_OT_check_backend,
            TRELLIS_OT_download_models, TRELLIS_OT_open_path)
 
 

@@ -11,6 +11,8 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty,
                        PointerProperty, StringProperty)
 
+from .backend.contract import DEFAULT_SEED
+
 PIPELINES = (
     ("512", "512", "Fast preview (512³ sparse structure)"),
     ("1024", "1024", "1024 direct"),
@@ -62,7 +64,7 @@ class TRELLIS_PG_settings(bpy.types.PropertyGroup):
     cutout_info: StringProperty(name="Cut-out Info")
     cutout_note: StringProperty(name="Cut-out Note")
     pipeline: EnumProperty(name="Pipeline", items=PIPELINES, default="1024_cascade")
-    seed: IntProperty(name="Seed", default=42, min=0, max=2**31 - 1)
+    seed: IntProperty(name="Seed", default=DEFAULT_SEED, min=0, max=2**31 - 1)
     randomize_seed: BoolProperty(name="Randomize", default=False, description="A new random seed for each run")
     ss_steps: IntProperty(name="Steps", default=12, min=1, max=100, description="Sparse-structure sampler steps")
     ss_guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=20.0, description="Sparse-structure CFG")
@@ -95,6 +97,8 @@ class TRELLIS_PG_settings(bpy.types.PropertyGroup):
 
 class TRELLIS_PG_history_item(bpy.types.PropertyGroup):
     # ``name`` (from PropertyGroup) holds the job id.
+    title: StringProperty(name="Title", description="The input image's name")
+    error: StringProperty(name="Error", description="Why the job failed")
     kind: StringProperty(name="Kind")
     pipeline: StringProperty(name="Pipeline")
     seed: IntProperty(name="Seed")
@@ -119,7 +123,11 @@ class TRELLIS_PG_state(bpy.types.PropertyGroup):
     step: IntProperty(name="Step")
     total: IntProperty(name="Total")
     eta: FloatProperty(name="ETA")
-    progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR")
+    progress: FloatProperty(name="Progress", min=0.0, max=1.0, subtype="FACTOR",
+                            description="The whole job (learned stage durations), else the current stage")
+    stage_progress: FloatProperty(name="Stage Progress", min=0.0, max=1.0, subtype="FACTOR")
+    job_eta: FloatProperty(name="Job ETA", default=-1.0, description="Seconds left in the whole job (-1: unknown)")
+    result_note: StringProperty(name="Result Note", description="What to know about the last result")
     error: StringProperty(name="Error")
     error_hint: StringProperty(name="Hint")
     error_kind: StringProperty(name="Error Kind", description="The backend's error kind (oom, numerical, …)")

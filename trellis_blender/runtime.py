@@ -19,6 +19,8 @@ selftest_lines: list[str] = []
 selftest_data: Optional[dict] = None
 # The JobManager (see jobs.py); created lazily on first use.
 manager: Any = None
+# core.RunTimings of the cache folder in use (learned job durations); loaded lazily.
+timings: Any = None
 
 
 def extension_dir() -> Path:
@@ -47,7 +49,7 @@ def load_selftest_result() -> None:
 
 def reset() -> None:
     """Stop everything (unregister)."""
-    global env_task, selftest_task, download_task, manager, selftest_lines, selftest_data
+    global env_task, selftest_task, download_task, manager, selftest_lines, selftest_data, timings
     for task in (env_task, selftest_task, download_task):
         if task is not None and task.running:
             task.cancel()
@@ -56,6 +58,6 @@ def reset() -> None:
             manager.shutdown()
         except Exception:  # never block unregister
             pass
-    env_task = selftest_task = download_task = manager = None
+    env_task = selftest_task = download_task = manager = timings = None
     selftest_lines = []
     selftest_data = None

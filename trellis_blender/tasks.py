@@ -1,4 +1,4 @@
-"""Non-blocking helper processes (environment creation, self-test) and model-folder checks.
+"""Non-blocking helper processes (environment creation, self-test, model downloads).
 
 Pure Python (stdlib only), so it is importable and testable without Blender. A :class:`ProcessTask`
 runs a list of argv steps one after another, writes their output to a log file and is advanced by
@@ -336,46 +336,10 @@ def format_selftest(data: dict, width: int = 90) -> list[str]:
     return lines
 
 
-# --- model folders ----------------------------------------------------------------------------------
+# --- model folders: checked in ``model_folders`` (names kept here for the preferences and scripts) ---
 
-MODEL_KINDS = {
-    "trellis": ("TRELLIS.2-4B snapshot", ("pipeline.json",), "ckpts"),
-    "dinov3": ("DINOv3 image encoder", ("config.json",), None),
-    "rembg": ("background removal (optional)", ("model.safetensors",), None),
-}
-
-
-_STATUS_CACHE: dict[tuple[str, str], tuple[float, tuple[str, str]]] = {}
-
-
-def model_folder_status(path: str, kind: str, max_age: float = 5.0) -> tuple[str, str]:
-    """``(icon, text)`` describing a model folder (cached for ``max_age`` s, as draw() calls it often)."""
-    now = time.monotonic()
-    hit = _STATUS_CACHE.get((path, kind))
-    if hit is not None and now - hit[0] < max_age:
-        return hit[1]
-    result = _model_folder_status(path, kind)
-    _STATUS_CACHE[(path, kind)] = (now, result)
-    return result
-
-
-def _model_folder_status(path: str, kind: str) -> tuple[str, str]:
-    label, required, subdir = MODEL_KINDS[kind]
-    if not path:
-        return ("INFO", f"{label}: not set" + (" (skipped)" if kind == "rembg" else ""))
-    p = Path(os.path.expanduser(path))
-    if not p.is_dir():
-        return ("ERROR", f"{label}: folder not found")
-    missing = [r for r in required if not (p / r).is_file()]
-    if missing:
-        return ("ERROR", f"{label}: missing {', '.join(missing)}")
-    weights = list(p.rglob("*.safetensors"))
-    if subdir and not (p / subdir).is_dir():
-        return ("ERROR", f"{label}: no {subdir}/ folder")
-    if not weights:
-        return ("ERROR", f"{label}: no .safetensors weights")
-    size = sum(w.stat().st_size for w in weights)
-    return ("CHECKMARK", f"{label}: {len(weights)} weight files, {size / 2**30:.2f} GiB")
+from .model_folders import (MODEL_KINDS, find_model_folder, forget_folder_status,  # noqa: E402,F401
+                            model_folder_problem, model_folder_status)
 
 
 # --- model downloads (only when Blender's online access is on and the user asked) -------------------

@@ -19,7 +19,7 @@ from typing import Optional
 import bpy
 import numpy as np
 
-from . import jobs, materials, mesh_import
+from . import jobs, materials, mesh_import, mesh_read
 from .backend.ovoxel.uvbake import uv_layout_stats
 
 #: Below this fraction of texels covered by the mesh's UVs a bake result is refused.
@@ -33,7 +33,7 @@ def choose_uv_map(obj: "bpy.types.Object", depsgraph) -> tuple[Optional[str], Op
         [layer for layer in me.uv_layers if layer != me.uv_layers.active]
     notes: list[str] = []
     for layer in order:
-        arrays = mesh_import.triangulated_arrays(obj, depsgraph, uv_name=layer.name)
+        arrays = mesh_read.triangulated_arrays(obj, depsgraph, uv_name=layer.name)
         problem = uv_layout_stats(arrays["uv"].reshape(-1, 3, 2)).problem()
         if problem is None:
             return layer.name, arrays, notes
@@ -49,7 +49,7 @@ def texture_payload(context, obj: "bpy.types.Object", depsgraph) -> tuple[dict, 
         extra["uv_map"] = name
         line = f"{obj.name}: baking into UV map '{name}'"
     else:
-        loop_uv, arrays = mesh_import.smart_uv_corners(context, obj)
+        loop_uv, arrays = mesh_read.smart_uv_corners(context, obj)
         extra["new_uv"] = loop_uv
         line = f"{obj.name}: a new UV map '{mesh_import.UV_NAME_NEW}' will be created"
     if notes:

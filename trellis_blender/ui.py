@@ -1,55 +1,15 @@
-"""Sidebar panel (View3D › Sidebar › TRELLIS), history list, Object menu and File › Import entries."""
+"""Sidebar panel (View3D › Sidebar › TRELLIS) and the File › Import entry; the panel's sections, the
+selected-object and history sub-panels and the Object menu are in ``ui_sections``."""
 
 from __future__ import annotations
 
-import os
-
 import bpy
-import bpy.utils.previews
 
-
+from . import ui_sections as sections
+from .ui_sections import draw_object_menu
 
 STATE_ICONS = {"STOPPED": "RADIOBUT_OFF", "STARTING": "SORTTIME", "READY": "CHECKMARK", "BUSY": "SORTTIME",
                "CRASHED": "ERROR"}
-_previews = None
-
-
-def _thumbnail(path: str) -> int:
-    """Icon id of an image file's preview (0 when unavailable)."""
-    global _previews
-    if not path or not os.path.isfile(path):
-        return 0
-    try:
-        if _previews is None:
-            _previews = bpy.utils.previews.new()
-        if path not in _previews:
-            _previews.load(path, path, "IMAGE")
-        return _previews[path].icon_id
-    except Exception:  # previews need a GPU context in some builds
-        return 0
-
-
-def _backend_python_set(context) -> bool:
-    from .preferences import get_prefs
-
-    prefs = get_prefs(context)
-    return bool(prefs.remote_host.strip()) if prefs.backend_mode == "REMOTE" else bool(prefs.backend_python)
-
-
-def _draw_numerical_fix(layout, context) -> None:
-    """The NaN/Inf error's one-click fix: fp32 (and run the failed job again when it can be re-sent)."""
-    from .operators import retryable_job
-    from .preferences import get_prefs
-
-    prefs = get_prefs(context)
-    if prefs.precision == "FP32":
-        layout.label(text="Precision is already fp32: see the log", icon="INFO")
-        return
-    row = layout.row(align=True)
-    if retryable_job(context) is not None:
-        op = row.operator("trellis.use_fp32", text="Use FP32 and Retry", icon="FILE_REFRESH")
-        op.retry = True
-    row.operator("trellis.use_fp32", text="Use FP32", icon="PREFERENCES")
 
 
 class TRELLIS_PT_main(bpy.types.Panel):
@@ -78,32 +38,12 @@ class TRELLIS_PT_main(bpy.types.Panel):
             op.action = "STOP"
         if st.backend_info:
             box.label(text=st.backend_info)
-        from .preferences import get_prefs
+        sections.draw_remote(box, context)
+        sections.draw_setup(box, context)
 
-        prefs = get_prefs(context)
-        if prefs.backend_mode == "REMOTE":
-            lock = "LOCKED" if prefs.remote_tls else "UNLOCKED"
-            box.label(text=f"Remote: {prefs.remote_host}:{prefs.remote_port}", icon=lock)
-        if not _backend_python_set(context):
-            box.label(text="Set the backend Python (or a remote backend) in Preferences", icon="INFO")
-
-        # Error box
+        # Error box: only the actions that can help with this error
         if st.error:
-            err = layout.box()
-            err.alert = True
-            col = err.column(align=True)
-            col.label(text=st.error[:120], icon="ERROR")
-            if st.error_hint:
-                col.label(text=st.error_hint[:120])
-            if st.error_kind == "numerical":
-                _draw_numerical_fix(err, context)
-            row = err.row(align=True)
-            if st.log_path:
-                op = row.operator("trellis.open_path", text="Open Log", icon="TEXT")
-                op.path = st.log_path
-            op = row.operator("trellis.backend", text="Restart", icon="FILE_REFRESH")
-            op.action = "RESTART"
-            row.operator("trellis.clear_error", text="", icon="X")
+            sections.draw_error(layout, context, st)
 
         # Input
         col = layout.column(align=True)
@@ -116,6 +56,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
 
         # Settings
         col = layout.column()
+        sections.draw_presets(col, context)
         col.prop(settings, "pipeline", text="")
         row = col.row(align=True)
         row.prop(settings, "seed")
@@ -142,7 +83,7 @@ class TRELLIS_PT_main(bpy.types.Panel):
             body.prop(settings, "texture_size")
 
         # Action
-        if st.running:
+        if st.running:   # one bar for the whole job; its text: the stage's steps and the job's ETA
             row = layout.row(align=True)
             row.progress(factor=st.progress, type="BAR", text=st.stage or "Working…")
             row.operator("trellis.cancel", text="", icon="CANCEL")
@@ -161,61 +102,8 @@ class TRELLIS_PT_main(bpy.types.Panel):
                 layout.label(text="Pick an input image first", icon="INFO")
             if st.last_duration > 0:
                 layout.label(text=f"Last job: {st.last_duration:.1f} s", icon="TIME")
-
-
-class TRELLIS_UL_history(bpy.types.UIList):
-    """One row per job: thumbnail, kind/pipeline, seed, duration."""
-
-    def draw_item(self, context, layout, data, item, icon, active_data, active_propname, index=0):
-        thumb = _thumbnail(item.image_path)
-        row = layout.row(align=True)
-        text = f"{item.pipeline or item.kind} · seed {item.seed}"
-        if thumb:
-            row.label(text=text, icon_value=thumb)
-        else:
-            row.label(text=text, icon="MESH_MONKEY" if item.kind != "texture" else "TEXTURE")
-        row.label(text=f"{item.duration:.0f} s" if item.duration else item.status)
-
-
-class TRELLIS_PT_history(bpy.types.Panel):
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "TRELLIS"
-    bl_label = "History"
-    bl_parent_id = "TRELLIS_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
-
-    def draw(self, context):
-        layout = self.layout
-        st = context.window_manager.trellis2
-        row = layout.row()
-        row.template_list("TRELLIS_UL_history", "", st, "history", st, "history_index", rows=4)
-        col = row.column(align=True)
-        col.operator("trellis.history_refresh", text="", icon="FILE_REFRESH")
-        col.operator("trellis.history_open_folder", text="", icon="FILE_FOLDER")
-        if 0 <= st.history_index < len(st.history):
-            item = st.history[st.history_index]
-            box = layout.box()
-            box.label(text=item.name)
-            box.label(text=f"{item.kind} · {item.pipeline} · seed {item.seed} · {item.created}")
-            row = box.row(align=True)
-            row.operator("trellis.history_reimport", icon="IMPORT")
-            row.operator("trellis.history_rerun", icon="FILE_REFRESH")
-
-
-class TRELLIS_MT_object(bpy.types.Menu):
-    bl_idname = "TRELLIS_MT_object"
-    bl_label = "TRELLIS"
-
-    def draw(self, context):
-        layout = self.layout
-        layout.operator("trellis.upscale", text="Upscale to 1536", icon="MOD_SUBSURF")
-        layout.operator("trellis.texture_selected", text="Texture with TRELLIS", icon="TEXTURE")
-
-
-def draw_object_menu(self, context):
-    self.layout.separator()
-    self.layout.menu("TRELLIS_MT_object")
+            if st.result_note:
+                layout.label(text=st.result_note[:140], icon="INFO")
 
 
 def _draw_views_and_blockout(layout, context, settings) -> None:
@@ -291,7 +179,7 @@ def draw_import_menu(self, context):
     self.layout.operator("trellis.import_ovoxel", text="O-Voxel (.npz/.vxz)")
 
 
-CLASSES = (TRELLIS_PT_main, TRELLIS_UL_history, TRELLIS_PT_history, TRELLIS_MT_object)
+CLASSES = (TRELLIS_PT_main, *sections.CLASSES)
 
 
 def register() -> None:
@@ -302,14 +190,8 @@ def register() -> None:
 
 
 def unregister() -> None:
-    global _previews
     bpy.types.TOPBAR_MT_file_import.remove(draw_import_menu)
     bpy.types.VIEW3D_MT_object.remove(draw_object_menu)
-    if _previews is not None:
-        try:
-            bpy.utils.previews.remove(_previews)
-        except Exception:
-            pass
-        _previews = None
+    sections.free_previews()
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

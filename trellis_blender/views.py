@@ -11,7 +11,7 @@ from bpy.props import EnumProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 from mathutils import Matrix, Vector
 
-from . import mesh_import
+from . import mesh_read
 
 
 def view_images(settings) -> list["bpy.types.Image"]:
@@ -26,7 +26,7 @@ def guide_request(context, settings) -> tuple[dict, dict, Optional[str]]:
     if obj is None or obj.type != "MESH":
         return {}, {}, "Use Selected Mesh as Blockout: make a mesh object active first"
     try:
-        arrays = mesh_import.triangulated_arrays(obj, context.evaluated_depsgraph_get())
+        arrays = mesh_read.triangulated_arrays(obj, context.evaluated_depsgraph_get())
     except ValueError as exc:
         return {}, {}, f"Blockout: {exc}"
     fields = {"guide_strength": float(settings.blockout_strength), "guide_frame": "fit"}

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..contract import BACKGROUND_MODES, MULTIVIEW_MODES, PIPELINE_TYPES
+from ..contract import BACKGROUND_MODES, DEFAULT_SEED, MULTIVIEW_MODES, PIPELINE_TYPES
 
 __all__ = ["register"]
 
@@ -35,7 +35,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="flow transformers' dtype (auto: bf16 on RTX 30xx/A100+, fp16 on older GPUs, fp32 on CPU)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="cascade token budget (official 49152; lower uses less VRAM, steps the 1536 grid down)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--background", default="auto", choices=BACKGROUND_MODES,
                    help="cut-out policy: auto = the image's alpha if it has one, else the background-removal "
                         "model (--rembg-model), else the plain-background keyer; remove = ignore alpha and "

@@ -37,6 +37,7 @@ from PIL import Image
 
 from . import PIPELINE_TYPES, STAGE_PARAM_KEYS, CancelToken, GenerationResult, JobState, ProgressFn, TextureResult
 from .. import validation as _validation
+from ..contract import DEFAULT_SEED
 from ..errors import BadInput, Cancelled, MissingWeights, NumericalError, OutOfMemory
 from ..modules.sparse import SparseTensor
 from .loader import (DINOV3_KEY, REMBG_KEY, SS_ENCODER_KEY, SS_ENCODER_STEM, ModelManager, PipelineConfig, empty_cache,
@@ -441,9 +442,9 @@ class Trellis2Pipelines:
                 if coords.shape[0] < self.max_num_tokens or nominal <= 1024:
                     break
                 nominal -= 128
-            if nominal != nominal_hr:
-                log.info("Due to the limited number of tokens (%d allowed), the resolution is reduced to %d.",
-                         self.max_num_tokens, nominal)
+            if nominal != nominal_hr:  # a warning: forwarded to the add-on, which notes it on the result
+                log.warning("Due to the limited number of tokens (%d allowed), the resolution is reduced to %d.",
+                            self.max_num_tokens, nominal)
             del hr_coords
         return coords, hr_res
 
@@ -521,7 +522,7 @@ class Trellis2Pipelines:
             raise BadInput(f"unknown stage(s) in stage_params: {sorted(bad)}; known: {list(STAGE_PARAM_KEYS)}.")
         return sp
 
-    def generate(self, image: Any, pipeline_type: str | None = None, seed: int = 42,
+    def generate(self, image: Any, pipeline_type: str | None = None, seed: int = DEFAULT_SEED,
                  stage_params: dict[str, dict] | None = None, progress: ProgressFn | None = None,
                  cancel: CancelToken | None = None, *, preprocess: bool = True,
                  background: str = "auto", multiview: str = "stochastic",
@@ -671,7 +672,7 @@ class Trellis2Pipelines:
         return self._finish(run, new, shape, cond_1024, gen, res, "1024", sp)
 
     def texture(self, vertices: np.ndarray, faces: np.ndarray, image: Any, *, uvs: np.ndarray | None = None,
-                transform: np.ndarray | None = None, y_up: bool = False, seed: int = 42, resolution: int = 1024,
+                transform: np.ndarray | None = None, y_up: bool = False, seed: int = DEFAULT_SEED, resolution: int = 1024,
                 texture_size: int = 2048, stage_params: dict[str, dict] | None = None,
                 progress: ProgressFn | None = None, cancel: CancelToken | None = None,
                 preprocess: bool = True, background: str = "auto") -> TextureResult:
