@@ -66,7 +66,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .backend import jobs as _jobs
 from .backend import protocol
@@ -274,39 +274,50 @@ class BackendClient:
         self.spawned.append(self.proc.pid)
         for stream in (self.proc.stdin, self.proc.stdout):
             protocol.enlarge_pipe(stream.fileno())
+        self._start_session(self.proc.stdin, self._read_loop, (self.proc,), "backend")
+
+    def _start_session(self, out_stream: Any, read: Callable[..., None], read_args: tuple, name: str) -> None:
+        """A new connection generation: the frame writer thread on ``out_stream`` and the reader thread
+        ``read(*read_args[:1], generation, *read_args[1:])``; the session state reset to starting."""
         self._gen += 1
-        self._writer = protocol.FrameWriter(self.proc.stdin)
+        self._writer = protocol.FrameWriter(out_stream)
         self._outq = queue.Queue()
         self._writer_thread = threading.Thread(target=self._write_loop, args=(self._writer, self._outq),
-                                               name=f"trellis2-backend-writer-{self._gen + 1}", daemon=True)
+                                               name=f"trellis2-{name}-writer-{self._gen}", daemon=True)
         self._writer_thread.start()
         self._expect_exit = False
         self._kill_reason = None
         self._cancel_deadline.clear()
         self.state = "starting"
         self.hello = {}
-        self._reader = threading.Thread(target=self._read_loop, args=(self.proc, self._gen),
-                                        name=f"trellis2-backend-reader-{self._gen}", daemon=True)
+        self._reader = threading.Thread(target=read, args=(read_args[0], self._gen, *read_args[1:]),
+                                        name=f"trellis2-{name}-reader-{self._gen}", daemon=True)
         self._reader.start()
 
-    def _read_loop(self, proc: subprocess.Popen, gen: int) -> None:
-        """Reader thread: frames -> queue; on EOF, reap the process and queue ``exited``."""
-        reader = protocol.FrameReader(proc.stdout, max_payload=self.max_payload)
-        put = self._queue.put
+    def _frames(self, stream: Any) -> Iterator[dict[str, Any]]:
+        """The decoded frames of ``stream`` until it ends; a bad frame becomes a ``protocol`` error
+        message (and ends the stream when the reader cannot resynchronise)."""
+        reader = protocol.FrameReader(stream, max_payload=self.max_payload)
         while True:
             try:
                 msg = reader.read()
             except protocol.ProtocolError as exc:
-                put((gen, {"type": "error", "job": exc.job, "kind": "protocol", "source": "backend",
-                           "message": f"Bad frame from the backend: {exc}", "advice": None,
-                           "traceback_tail": [], "log_tail": []}))
+                yield {"type": "error", "job": exc.job, "kind": "protocol", "source": "backend",
+                       "message": f"Bad frame from the backend: {exc}", "advice": None,
+                       "traceback_tail": [], "log_tail": []}
                 if exc.fatal:
-                    break
+                    return
                 continue
             except (OSError, ValueError):
-                break
+                return
             if msg is None:
-                break
+                return
+            yield msg
+
+    def _read_loop(self, proc: subprocess.Popen, gen: int) -> None:
+        """Reader thread: frames -> queue; on EOF, reap the process and queue ``exited``."""
+        put = self._queue.put
+        for msg in self._frames(proc.stdout):
             put((gen, msg))
         try:
             rc = proc.wait(timeout=3.0)
@@ -720,42 +731,16 @@ class RemoteBackendClient(BackendClient):
         self._closed = threading.Event()
         self._server_error = None
         stream = transport.SocketStream(sock)
-        self._gen += 1
-        self._writer = protocol.FrameWriter(stream)
-        self._outq = queue.Queue()
-        self._writer_thread = threading.Thread(target=self._write_loop, args=(self._writer, self._outq),
-                                               name=f"trellis2-remote-writer-{self._gen}", daemon=True)
-        self._writer_thread.start()
-        self._expect_exit = False
-        self._kill_reason = None
-        self._cancel_deadline.clear()
-        self.state = "starting"
-        self.hello = {}
-        self._reader = threading.Thread(target=self._read_remote, args=(stream, self._gen, self._closed),
-                                        name=f"trellis2-remote-reader-{self._gen}", daemon=True)
-        self._reader.start()
+        self._start_session(stream, self._read_remote, (stream, self._closed), "remote")
 
     def _read_remote(self, stream: Any, gen: int, closed: threading.Event) -> None:
         """Reader thread: frames -> queue; at the end of the connection an ``exited`` message."""
-        reader = protocol.FrameReader(stream, max_payload=self.max_payload)
         put = self._queue.put
         closing = None
         hello_seen = False
-        while True:
-            try:
-                msg = reader.read()
-            except protocol.ProtocolError as exc:
-                put((gen, {"type": "error", "job": exc.job, "kind": "protocol", "source": "backend",
-                           "message": f"Bad frame from the backend: {exc}", "advice": None,
-                           "traceback_tail": [], "log_tail": []}))
-                if exc.fatal:
-                    break
-                continue
-            except (OSError, ValueError):
-                break
-            if msg is None:
-                break
-            if msg.get("type") == "error" and not msg.get("job") and not self.hello and not hello_seen:
+        for msg in self._frames(stream):
+            if msg.get("type") == "error" and msg.get("source") != "backend" and not msg.get("job") \
+                    and not self.hello and not hello_seen:
                 self._server_error = str(msg.get("message") or "")
             hello_seen = hello_seen or msg.get("type") == "hello"
             if msg.get("type") == "status" and msg.get("closing"):
