@@ -25,6 +25,8 @@ HINTS: dict[str, str] = {
     "not_configured": "Finish the setup in Preferences › Add-ons › TRELLIS.2 (backend Python, model folders).",
     "start_failed": "The backend did not start: check the backend Python in Preferences, then Restart.",
     "protocol": "Backend and add-on versions do not match: reinstall the extension.",
+    "native_crash": "The backend crashed in native code: check the CUDA / driver versions with Check Backend.",
+    "internal": "See the backend log for details.",
 }
 
 

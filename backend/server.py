@@ -47,6 +47,7 @@ from . import __version__
 from . import errors as _errors
 from . import jobs as _jobs
 from . import protocol as proto
+from .contract import DEFAULT_SEED
 from .validation import validate_request
 
 log = logging.getLogger("backend.server")
@@ -211,7 +212,7 @@ class PipelineRunner:
             image = [_load_image(ctx), *(_load_image(ctx, p) for p in views)] if views else _load_image(ctx)
             guide = _guide(ctx)
             res = pipe.generate(image, pipeline_type=s.get("pipeline_type") or None,
-                                seed=int(s.get("seed", 42)), preprocess=bool(s.get("preprocess", True)),
+                                seed=int(s.get("seed", DEFAULT_SEED)), preprocess=bool(s.get("preprocess", True)),
                                 background=background_policy(s), multiview=s.get("multiview") or "stochastic",
                                 guide=guide, **common)
             res.state.save(ctx.job.root / "state")
@@ -247,7 +248,7 @@ class PipelineRunner:
             if uvs is not None and uvs.ndim == 2 and uvs.shape[0] == 3 * a["faces"].shape[0]:
                 uvs = uvs.reshape(-1, 3, 2)      # per-corner [3F, 2] -> [F, 3, 2]
             tex = pipe.texture(a["vertices"], a["faces"], _load_image(ctx), uvs=uvs, transform=a.get("matrix"),
-                               seed=int(s.get("seed", 42)), resolution=int(s.get("resolution", 1024)),
+                               seed=int(s.get("seed", DEFAULT_SEED)), resolution=int(s.get("resolution", 1024)),
                                texture_size=int(s.get("texture_size", 2048)),
                                preprocess=bool(s.get("preprocess", True)), background=background_policy(s),
                                **common)
@@ -367,12 +368,12 @@ def classify_error(exc: BaseException) -> tuple[str, str, str | None]:
         advice = getattr(exc, "advice", None) or _errors.OutOfMemory().advice
         return "oom", getattr(exc, "message", None) or "The device ran out of memory.", advice
     if isinstance(exc, _errors.MissingWeights):
-        return "missing_weights", exc.message, exc.advice or "Download the weights or set the model folder."
+        return "missing_weights", exc.message, exc.advice or _errors.HINTS["missing_weights"]
     missing_dep = getattr(_errors, "MissingDependency", None)
     if (missing_dep is not None and isinstance(exc, missing_dep)) or isinstance(exc, ImportError):
         mod = getattr(exc, "name", None)
         msg = getattr(exc, "message", None) or (f"Missing Python module {mod!r}." if mod else text)
-        return "missing_dependency", msg, "Run 'Check backend' in the add-on Preferences."
+        return "missing_dependency", msg, _errors.HINTS["missing_dependency"]
     if isinstance(exc, _errors.BadInput):
         return "bad_input", exc.message, exc.advice
     if isinstance(exc, _errors.NumericalError):
@@ -380,7 +381,7 @@ def classify_error(exc: BaseException) -> tuple[str, str, str | None]:
         return ("numerical" if getattr(exc, "precision_related", True) else "internal"), exc.message, exc.advice
     if isinstance(exc, _errors.Trellis2Error):
         return "internal", exc.message, exc.advice
-    return "internal", f"{name}: {text}" if text else name, "See the backend log for details."
+    return "internal", f"{name}: {text}" if text else name, _errors.HINTS["internal"]
 
 
 # --------------------------------------------------------------------------------------------------

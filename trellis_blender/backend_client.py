@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .backend import jobs as _jobs
+from .backend.errors import HINTS
 from .backend import protocol
 
 __all__ = ["BackendClient", "RemoteBackendClient", "JobInfo", "BackendError", "SelftestJob", "sanitized_env", "stop_all", "STATES",
@@ -79,13 +80,11 @@ JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "lost")
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PYTHONINSPECT",
              "PYTHONSAFEPATH", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
 _LOG_ROTATE_BYTES = 5 << 20
+#: what a dying backend's last output says → the entry of the one hint table (``backend.errors.HINTS``)
 _HINTS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("CUDA out of memory", "OutOfMemoryError", "out of memory"),
-     "The GPU ran out of memory: try 1024 cascade, low-VRAM mode or a smaller texture size."),
-    (("No module named", "ModuleNotFoundError", "ImportError"),
-     "A Python package is missing in the backend environment: open 'Check backend' in Preferences."),
-    (("Illegal instruction", "Segmentation fault", "core dumped"),
-     "The backend crashed in native code: check the CUDA / driver versions with 'Check backend'."),
+    (("CUDA out of memory", "OutOfMemoryError", "out of memory"), "The GPU ran out of memory. " + HINTS["oom"]),
+    (("No module named", "ModuleNotFoundError", "ImportError"), HINTS["missing_dependency"]),
+    (("Illegal instruction", "Segmentation fault", "core dumped"), HINTS["native_crash"]),
 )
 
 
