@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .contract import PIPELINE_TYPES
+from .contract import DEFAULT_SEED, PIPELINE_TYPES
 from .errors import BadInput
 
 __all__ = ["BatchItem", "BatchWorker", "load_items", "run_batch", "register", "IMAGE_SUFFIXES"]
@@ -49,7 +49,7 @@ class BatchItem:
 
     id: str
     image: str
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     pipeline: str = "1024_cascade"
     stage_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     mesh: str | None = None
@@ -113,7 +113,7 @@ def _unique_id(base: str, taken: set[str]) -> str:
 
 
 def load_items(inputs: str | os.PathLike, *, pipelines: Sequence[str] = ("1024_cascade",),
-               seeds: Sequence[int] = (42,), defaults: dict[str, Any] | None = None) -> list[BatchItem]:
+               seeds: Sequence[int] = (DEFAULT_SEED,), defaults: dict[str, Any] | None = None) -> list[BatchItem]:
     """The batch's job list from a folder of images or a CSV/JSONL manifest (checked before anything
     runs: a bad row raises :class:`BadInput` naming the file and line)."""
     from .validation import validate_request
@@ -488,7 +488,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     if args.ray is not None and args.local is not None:
         raise BadInput("choose --ray ADDRESS or --local N, not both", field="ray")
     defaults = {"texture_size": args.texture_size, "decimate": args.decimate, "background": args.background}
-    items = load_items(args.inputs, pipelines=args.pipeline or ["1024_cascade"], seeds=args.seeds or [42],
+    items = load_items(args.inputs, pipelines=args.pipeline or ["1024_cascade"], seeds=args.seeds or [DEFAULT_SEED],
                        defaults={k: v for k, v in defaults.items() if v is not None})
     if not items:
         raise BadInput(f"{args.inputs}: no images found", field="inputs")

@@ -139,6 +139,8 @@ def _tcp_backend(bc, tmp: Path, tls: bool):
     """A ``serve --listen 127.0.0.1:0`` fake backend (token; TLS with a throwaway certificate) and its client."""
     import subprocess
 
+    import trellis2.remote_client as rc  # the staged add-on's remote client (same folder as ``bc``)
+
     from backend.transport import write_token_file
 
     token = write_token_file(tmp / "token", overwrite=True)
@@ -152,7 +154,7 @@ def _tcp_backend(bc, tmp: Path, tls: bool):
                               text=True)
     line = server.stdout.readline()
     port = int(line.rsplit(":", 1)[1])
-    return server, bc.RemoteBackendClient("127.0.0.1", port, token, tls=tls, ca_file=cert, cache_dir=tmp / "cache-c")
+    return server, rc.RemoteBackendClient("127.0.0.1", port, token, tls=tls, ca_file=cert, cache_dir=tmp / "cache-c")
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:

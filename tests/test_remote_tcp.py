@@ -86,11 +86,13 @@ def bc(staged_extension):
 
 @pytest.fixture
 def remote(bc, tmp_path):
+    import trellis2.remote_client as rc
+
     made = []
 
     def make(srv: TcpServer, **kw):
         kw.setdefault("cache_dir", tmp_path / f"client-cache-{len(made)}")
-        c = bc.RemoteBackendClient("127.0.0.1", srv.port, kw.pop("token", srv.token), **kw)
+        c = rc.RemoteBackendClient("127.0.0.1", srv.port, kw.pop("token", srv.token), **kw)
         made.append(c)
         return c
 
@@ -422,7 +424,7 @@ def test_the_addon_side_transport_is_stdlib_and_numpy_only(staged_extension):
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(staged_extension.parent)!r})
-        import trellis2.backend.transport, trellis2.backend_client
+        import trellis2.backend.transport, trellis2.backend_client, trellis2.remote_client
         assert "torch" not in sys.modules and "bpy" not in sys.modules and "ray" not in sys.modules
         print("ok")
     """)

@@ -46,7 +46,7 @@ def _client_factory():
 
 def _remote_client(prefs):
     """A client of a remote backend (``trellis2 serve --listen``) from the preferences."""
-    from . import backend_client
+    from . import remote_client
 
     host = prefs.remote_host.strip()
     if not host:
@@ -54,7 +54,7 @@ def _remote_client(prefs):
     ca = bpy.path.abspath(prefs.remote_ca_file) if prefs.remote_tls and prefs.remote_ca_file else None
     if ca and not os.path.isfile(ca):
         raise RuntimeError(f"CA file not found: {ca}")
-    return backend_client.RemoteBackendClient(host, int(prefs.remote_port), prefs.remote_token or None,
+    return remote_client.RemoteBackendClient(host, int(prefs.remote_port), prefs.remote_token or None,
                                               tls=bool(prefs.remote_tls), ca_file=ca, cache_dir=cache_dir(prefs))
 
 

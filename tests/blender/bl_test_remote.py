@@ -58,7 +58,7 @@ def test_remote_generate_cancel_and_texture_only(addon, remote_backend, tmp_path
     client_mod = addon_module(addon, "backend_client")
     png = write_png(tmp_path / "chair.png")
     assert bpy.ops.trellis.generate(filepath=png, pipeline="512", seed=5) == {"FINISHED"}
-    assert isinstance(runtime.manager.client, client_mod.RemoteBackendClient)
+    assert isinstance(runtime.manager.client, addon_module(addon, "remote_client").RemoteBackendClient)
     objs = [o for o in bpy.data.objects if o.type == "MESH"]
     assert len(objs) == 1 and len(objs[0].data.vertices) == len(fake_mesh(5, 1000)["vertices"])
     job = objs[0]["trellis2_job"]
