@@ -803,25 +803,31 @@ class Server:
             self.send_error(None, "internal", f"Unload failed: {exc}", tb=traceback.format_exc())
         self.send_status("ready", unloaded=reason)
 
-    def _read_image(self, msg: dict[str, Any], check: Callable[[], None]) -> bytes | None:
-        """The request's image, read and validated in memory (nothing is stored yet): the PNG bytes
-        the add-on sent or the named file, checked by the runner's ``prepare_image`` when it has one."""
+    def _intake(self, check: Callable[[], None], *, array: Any = None, path: str | None = None,
+                what: str = "The image the add-on sent") -> bytes:
+        """One image, read and validated in memory (nothing is stored yet): bytes the add-on sent
+        (``array``) or a named file (``path``), then checked by the runner's ``prepare_image`` when it has one."""
         from .intake import check_image_bytes, read_image_source
 
-        arrays = msg.get("arrays") or {}
-        if "image_png" in arrays:
-            data = memoryview(np.ascontiguousarray(arrays["image_png"], dtype=np.uint8)).cast("B")
-            check_image_bytes(data, "The image the add-on sent")
-        elif isinstance(msg.get("image"), str) and msg["image"]:
-            data = read_image_source(msg["image"])
+        if array is not None:
+            data = memoryview(np.ascontiguousarray(array, dtype=np.uint8)).cast("B")
+            check_image_bytes(data, what)
         else:
-            return None
+            data = read_image_source(path)
         prepare = getattr(self.runner, "prepare_image", None)
         return bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data)
 
+    def _read_image(self, msg: dict[str, Any], check: Callable[[], None]) -> bytes | None:
+        """The request's image (see :meth:`_intake`), or None when it names none."""
+        arrays = msg.get("arrays") or {}
+        if "image_png" in arrays:
+            return self._intake(check, array=arrays["image_png"])
+        if isinstance(msg.get("image"), str) and msg["image"]:
+            return self._intake(check, path=msg["image"])
+        return None
+
     def _read_views(self, msg: dict[str, Any], check: Callable[[], None]) -> list[bytes]:
         """The extra views of a multi-view request (``images[1:]``), each read and validated like the image."""
-        from .intake import check_image_bytes, read_image_source
         from .validation import view_array_names
 
         arrays = msg.get("arrays") or {}
@@ -830,17 +836,13 @@ class Server:
         if names and len(paths) > 1:
             raise _errors.BadInput("Extra views came both as paths (images) and as bytes (arrays.view_png_*).",
                                    field="images")
-        prepare = getattr(self.runner, "prepare_image", None)
         out = []
         for k, name in enumerate(names, 1):
             check()
-            data = memoryview(np.ascontiguousarray(arrays[name], dtype=np.uint8)).cast("B")
-            check_image_bytes(data, f"Extra view {k} the add-on sent")
-            out.append(bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data))
+            out.append(self._intake(check, array=arrays[name], what=f"Extra view {k} the add-on sent"))
         for path in paths[1:]:
             check()
-            data = read_image_source(path)
-            out.append(bytes(prepare(bytes(data), check)) if callable(prepare) else bytes(data))
+            out.append(self._intake(check, path=path))
         return out
 
     def _open_job(self, msg: dict[str, Any], cancel: threading.Event) -> _jobs.Job:
@@ -1054,15 +1056,18 @@ def serve(args: argparse.Namespace) -> int:
     forward = _ForwardHandler(server)
     forward.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logging.getLogger().addHandler(forward)
-    code = server.run()
+    _exit_process(server.run())
+
+
+def _exit_process(code: int) -> None:
+    """Flush the log and the standard streams, then leave without the interpreter teardown: with
+    torch/CUDA loaded it can take seconds, and everything that matters (job folders, log) is on disk."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    # Skip the interpreter teardown: with torch/CUDA loaded it can take seconds, and everything
-    # that matters (job folders, log) is already on disk.
     os._exit(code)
 
 
@@ -1125,13 +1130,7 @@ def serve_tcp(args: argparse.Namespace) -> int:
     code = server.run()
     server.send_status("stopping")
     listener.close()
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
+    _exit_process(code)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

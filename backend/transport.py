@@ -29,7 +29,7 @@ from . import protocol as proto
 log = logging.getLogger("backend.transport")
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "AUTH_TIMEOUT_S", "TransportError", "parse_listen", "is_loopback",
-           "exposure_warning",
+           "exposure_warning", "close_socket",
            "generate_token", "write_token_file", "read_token_file", "token_matches", "server_ssl_context",
            "client_ssl_context", "SocketStream", "Peer", "Listener", "connect"]
 
@@ -198,7 +198,8 @@ def _tune(sock: socket.socket) -> None:
         pass
 
 
-def _close(sock: socket.socket) -> None:
+def close_socket(sock: socket.socket) -> None:
+    """Shut a socket down both ways and close it, ignoring a peer that is already gone."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -242,7 +243,7 @@ class Peer:
     def close(self) -> None:
         if not self.closed.is_set():
             self.closed.set()
-            _close(self.sock)
+            close_socket(self.sock)
 
     def __repr__(self) -> str:
         return f"<Peer {self.address}>"
@@ -329,7 +330,7 @@ class Listener:
                 busy = len(self._threads) >= self.max_connections
             if busy:
                 _auth_error(sock, "Too many connections to this backend.")
-                _close(sock)
+                close_socket(sock)
                 continue
             t = threading.Thread(target=self._serve, args=(sock, f"{addr[0]}:{addr[1]}"),
                                  name=f"tcp-peer-{addr[0]}:{addr[1]}", daemon=True)
@@ -347,11 +348,11 @@ class Listener:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True)
                 except (OSError, ssl.SSLError) as exc:
                     log.info("connection from %s: TLS handshake failed (%s)", address, exc)
-                    _close(sock)
+                    close_socket(sock)
                     return
             if not authenticate(sock, self.token):
                 log.warning("connection from %s: authentication failed", address)   # never the token
-                _close(sock)
+                close_socket(sock)
                 return
             peer = Peer(sock, address, max_payload=self.max_payload, idle_timeout=self.idle_timeout)
             with self._lock:
@@ -368,14 +369,14 @@ class Listener:
                 with self._lock:
                     self.peers.discard(peer)
             else:
-                _close(sock)
+                close_socket(sock)
             with self._lock:
                 self._threads.discard(threading.current_thread())
 
     def close(self, timeout: float = 3.0) -> None:
         """Stop accepting, close every connection, wait (bounded) for their threads."""
         self._stop.set()
-        _close(self.sock)
+        close_socket(self.sock)
         with self._lock:
             peers, threads = list(self.peers), list(self._threads)
         for p in peers:
@@ -403,6 +404,6 @@ def connect(host: str, port: int, token: str | None, *, tls: bool = False, ca_fi
         proto.FrameWriter(SocketStream(sock)).send({"type": "auth", "token": token or ""})
         sock.settimeout(None)
     except BaseException:
-        _close(sock)
+        close_socket(sock)
         raise
     return sock

@@ -70,7 +70,7 @@ def test_job_lists_from_folder_csv_and_jsonl(tmp_path):
 def test_local_batch_records_failures_and_resumes(tiny_dir, tmp_path, capsys):
     import trimesh
 
-    imgs = _images(tmp_path / "in", 2)
+    _images(tmp_path / "in", 2)
     trimesh.creation.icosphere(1, 0.4).export(tmp_path / "crate.obj")
     (tmp_path / "m.csv").write_text("image,seed,pipeline,mesh,id\n"
                                     "in/obj0.png,3,512,,a\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import statistics
 import tempfile
@@ -237,3 +238,8 @@ def token_budget_text(note: dict, nominal: int) -> str:
     """The panel's note for a cascade whose token budget lowered the resolution."""
     return (f"Max Tokens ({note['max_tokens']}) lowered the resolution {nominal} → {note['resolution']}: "
             f"raise Max Tokens for more detail (more VRAM)")
+
+
+def random_seed() -> int:
+    """A new seed in the panel's range (Blender int properties are 32-bit)."""
+    return random.randint(0, 2**31 - 1)

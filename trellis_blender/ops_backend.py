@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import random
-
 import bpy
 from bpy.props import EnumProperty
 
-from . import jobs, setup_check
+from . import core, jobs, setup_check
 from .preferences import get_prefs
 from .session import check_backend_configured, job_running, manager, set_error, start_polling, sync_state
 
@@ -92,7 +90,7 @@ class TRELLIS_OT_randomize_seed(bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     def execute(self, context):
-        context.scene.trellis2.seed = random.randint(0, 2**31 - 1)
+        context.scene.trellis2.seed = core.random_seed()
         return {"FINISHED"}
 
 

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import random
 
 import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from . import jobs, mesh_import
-from .ops_jobs import JobOperator, poll_common
-from .properties import PIPELINES
+from .ops_jobs import JobOperator, poll_common, regenerate
 from .scene_results import (OVOXEL_PROP, VoxelSource, _read_json, apply_generate, load_ovoxel_arrays,
                             load_voxel_source, voxel_source_path)
 from .session import refresh_history
@@ -179,10 +177,7 @@ class TRELLIS_OT_history_rerun(JobOperator, bpy.types.Operator):
 
     def execute(self, context):
         item = _history_item(context)
-        seed = random.randint(0, 2**31 - 1)
-        return bpy.ops.trellis.generate(filepath=item.image_path, seed=seed,
-                                        pipeline=item.pipeline if item.pipeline in {p[0] for p in PIPELINES}
-                                        else context.scene.trellis2.pipeline)
+        return regenerate(context, item.image_path, item.pipeline)
 
 
 class TRELLIS_OT_history_open_folder(bpy.types.Operator):

@@ -3,14 +3,13 @@ fp32 retry; their shared submit/block/report logic (:class:`JobOperator`)."""
 
 from __future__ import annotations
 
-import random
 import sys
 from typing import Optional
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
-from . import jobs, runtime, setup_check, texture_objects, views
+from . import core, jobs, runtime, setup_check, texture_objects, views
 from .preferences import cache_dir, get_prefs
 from .properties import PIPELINES
 from .session import (JOB_TIMEOUT_S, _common_request, apply_record, check_backend_configured, image_to_file,
@@ -82,6 +81,15 @@ class JobOperator:
         return {"FINISHED"} if ok else {"CANCELLED"}
 
 
+def regenerate(context, image_path: str, pipeline: str, seed: Optional[int] = None) -> set:
+    """Generate again from a stored input image: its own pipeline when it is a known one (else the panel's),
+    with ``seed`` or a new random one."""
+    if pipeline not in {p[0] for p in PIPELINES}:
+        pipeline = context.scene.trellis2.pipeline
+    return bpy.ops.trellis.generate(filepath=image_path, seed=core.random_seed() if seed is None else seed,
+                                    pipeline=pipeline)
+
+
 def poll_common(cls, context) -> bool:
     if job_running():
         cls.poll_message_set("A TRELLIS job is running (cancel it first)")
@@ -121,7 +129,7 @@ class TRELLIS_OT_generate(JobOperator, bpy.types.Operator):
         if self.properties.is_property_set("seed"):
             seed = self.seed
         elif settings.randomize_seed:
-            seed = settings.seed = random.randint(0, 2**31 - 1)
+            seed = settings.seed = core.random_seed()
         else:
             seed = settings.seed
         request = dict(_common_request(context), image=image, seed=int(seed), pipeline_type=pipeline,

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import os
-import random
 from typing import Optional
 
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from . import core
-from .ops_jobs import JobOperator, poll_common
+from .ops_jobs import JobOperator, poll_common, regenerate
 from .preferences import cache_dir, get_prefs
 from .properties import PIPELINES
 
@@ -62,11 +61,8 @@ class TRELLIS_OT_object_rerun(JobOperator, bpy.types.Operator):
 
     def execute(self, context):
         obj = context.active_object
-        pipeline = str(obj.get("trellis2_pipeline", ""))
-        if pipeline not in {p[0] for p in PIPELINES}:
-            pipeline = context.scene.trellis2.pipeline
-        seed = random.randint(0, 2**31 - 1) if self.new_seed else int(obj.get("trellis2_seed", 0))
-        return bpy.ops.trellis.generate(filepath=object_job_image(obj), seed=seed, pipeline=pipeline)
+        return regenerate(context, object_job_image(obj), str(obj.get("trellis2_pipeline", "")),
+                          None if self.new_seed else int(obj.get("trellis2_seed", 0)))
 
 
 class TRELLIS_OT_object_retexture(JobOperator, bpy.types.Operator):

@@ -7,7 +7,6 @@ Operators here: create the backend environment (venv + pip, non-blocking, logged
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import bpy

@@ -162,16 +162,10 @@ class RemoteBackendClient(BackendClient):
             self._close_socket()
 
     def _close_socket(self) -> None:
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(2)
-            except OSError:
-                pass
-            try:
-                sock.close()
-            except OSError:
-                pass
+        if self.sock is not None:
+            from .backend import transport
+
+            transport.close_socket(self.sock)
 
     def _cleanup_process(self) -> None:
         self._close_writer(1.0)

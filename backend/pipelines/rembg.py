@@ -102,9 +102,14 @@ class BiRefNetRemover:
         """Step 3: ``uint8 [R, R]`` = ``(sigmoid * 255)`` truncated."""
         return (logits.sigmoid()[0].squeeze() * 255).to(torch.uint8).numpy()
 
+    @staticmethod
+    def mask_to_size(mask: np.ndarray, size: tuple[int, int]) -> Image.Image:
+        """Step 4: the ``R×R`` mask back at the photo's ``(width, height)``, PIL BICUBIC."""
+        return Image.fromarray(mask, "L").resize(size, Image.Resampling.BICUBIC)
+
     def __call__(self, image: Image.Image) -> Image.Image:
         m = self.mask_from_logits(self.logits(self.model_input(self.resized_rgb(image))))
-        return Image.fromarray(m, "L").resize(image.size, Image.Resampling.BICUBIC)
+        return self.mask_to_size(m, image.size)
 
     def to(self, device: torch.device | str) -> "BiRefNetRemover":
         """Move the model (low-VRAM mode parks it on the CPU between jobs)."""
