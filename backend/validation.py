@@ -27,10 +27,9 @@ from .errors import BadInput
 from .contract import BACKGROUND_MODES, GUIDE_FRAMES, MULTIVIEW_MODES, PIPELINE_TYPES, STAGE_PARAM_KEYS
 
 __all__ = ["validate_request", "validate_arrays", "check_output_path", "confined_path", "PRECISIONS",
-           "BACKGROUND_POLICIES", "TEXTURE_SIZE_RANGE", "SEED_RANGE", "SCHEMAS"]
+           "TEXTURE_SIZE_RANGE", "SEED_RANGE", "SCHEMAS"]
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-BACKGROUND_POLICIES = BACKGROUND_MODES
 OUTPUTS = ("textures", "vertex_attrs", "mesh")
 TEXTURE_SIZE_RANGE = (16, 8192)
 #: seeds feed ``torch.Generator.manual_seed`` (a uint64)
@@ -186,7 +185,7 @@ _COMMON: dict[str, Check] = {
     "dinov3_dir": path_string,
     "ss_decoder_dir": path_string,
     "rembg_dir": path_string,
-    "background": enum(*BACKGROUND_POLICIES),
+    "background": enum(*BACKGROUND_MODES),
     "remove_background": boolean,
 }
 _OUTPUT_FIELDS: dict[str, Check] = {

@@ -14,7 +14,6 @@ CPU and fp16/bf16 on GPUs per the precision setting (the sigmoid and the mask ar
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -110,14 +109,3 @@ class BiRefNetRemover:
     def __call__(self, image: Image.Image) -> Image.Image:
         m = self.mask_from_logits(self.logits(self.model_input(self.resized_rgb(image))))
         return self.mask_to_size(m, image.size)
-
-    def to(self, device: torch.device | str) -> "BiRefNetRemover":
-        """Move the model (low-VRAM mode parks it on the CPU between jobs)."""
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
-
-    def describe(self) -> dict[str, Any]:
-        cfg = getattr(self.model, "config", None)
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "embed_dim": getattr(cfg, "embed_dim", None)}
