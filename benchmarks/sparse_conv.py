@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                 res.update(bench_spconv(args.spconv, n, c, c, reps))
             print(json.dumps(res), flush=True)
     if args.stage_voxels:
-        from backend.modules.sparse import conv as conv_mod
+        from backend.modules.sparse import conv_torch
         for algo in args.algos:
-            conv_mod.ALGORITHM = algo
+            conv_torch.ALGORITHM = algo
             res = bench_decoder_stage(args.stage_voxels, device, dtype, 1)
             res["algo"] = algo
             print(json.dumps(res), flush=True)

@@ -12,15 +12,16 @@ neighbour at ``(x+i−1, y+j−1, z+l−1)``; ``nbr[r, v]`` is that neighbour's 
 (absent neighbours count as zero); the output has ``feats``' dtype; the kernel accumulates in fp32.
 
 The reference is the sparse-net module's own pure-PyTorch gather+matmul
-(``backend.modules.sparse.conv.submanifold_conv3d`` / ``submanifold_conv3d_rows``): one
-implementation of each thing. It is imported lazily so that ``backend.modules.sparse.conv`` can
-itself call these functions without an import cycle. The Triton kernel is
-:mod:`kernels.triton_sparse_conv`.
+(``backend.modules.sparse.conv_torch.submanifold_conv3d`` / ``submanifold_conv3d_rows``): one
+implementation of each thing. ``conv_torch`` knows nothing of this package, so the sparse conv module
+can dispatch here without an import cycle. The Triton kernel is :mod:`kernels.triton_sparse_conv`.
 """
 
 from __future__ import annotations
 
 import torch
+
+from backend.modules.sparse import conv_torch
 
 from . import registry
 
@@ -30,27 +31,18 @@ __all__ = ["submanifold_conv3d", "submanifold_conv3d_rows"]
 def _reference_conv(feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
     """Pure-PyTorch reference (the sparse module's gather + matmul)."""
-    from backend.modules.sparse.conv import submanifold_conv3d as ref
-
-    return ref(feats, nbr, weight, bias)
+    return conv_torch.submanifold_conv3d(feats, nbr, weight, bias)
 
 
 def _reference_conv_rows(feats: torch.Tensor, nbr: torch.Tensor, rows: torch.Tensor | None,
                          weight2d: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Pure-PyTorch reference of the row-subset conv (weights already in ``feats``' dtype)."""
-    from backend.modules.sparse.conv import submanifold_conv3d_rows as ref
-
-    return ref(feats, nbr, rows, weight2d.to(feats.dtype), bias.to(feats.dtype) if bias is not None else None)
+    return conv_torch.submanifold_conv3d_rows(feats, nbr, rows, weight2d.to(feats.dtype), bias.to(feats.dtype) if bias is not None else None)
 
 
 registry.register("submanifold_conv3d", _reference_conv, "kernels.triton_sparse_conv:submanifold_conv3d")
 registry.register("submanifold_conv3d_rows", _reference_conv_rows,
                   "kernels.triton_sparse_conv:submanifold_conv3d_rows")
-
-
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """True when autograd would record this call (the kernels are forward-only)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def submanifold_conv3d(feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor,
@@ -66,7 +58,7 @@ def submanifold_conv3d(feats: torch.Tensor, nbr: torch.Tensor, weight: torch.Ten
     The kernel is forward-only: when autograd is recording (grad enabled and an input requires grad,
     e.g. a model not run under ``torch.no_grad()`` / ``inference_mode()``) the reference runs instead.
     """
-    if _needs_grad(feats, weight, bias):
+    if conv_torch.needs_autograd(feats, weight, bias):
         return _reference_conv(feats, nbr, weight, bias)
     return registry.call("submanifold_conv3d", feats.device, feats, nbr, weight, bias)
 
@@ -77,6 +69,6 @@ def submanifold_conv3d_rows(feats: torch.Tensor, nbr: torch.Tensor, rows: torch.
 
     Forward-only kernel, like :func:`submanifold_conv3d` (the reference runs when autograd records).
     """
-    if _needs_grad(feats, weight2d, bias):
+    if conv_torch.needs_autograd(feats, weight2d, bias):
         return _reference_conv_rows(feats, nbr, rows, weight2d, bias)
     return registry.call("submanifold_conv3d_rows", feats.device, feats, nbr, rows, weight2d, bias)

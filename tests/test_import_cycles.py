@@ -123,11 +123,6 @@ def test_the_checker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-#: Cycles still to break (issue #16): the sparse-conv kernels call the sparse module's pure-torch reference,
-#: which dispatches to the kernels. Any other cycle, or a larger one, fails the test.
-KNOWN = [["backend.modules.sparse.conv", "kernels", "kernels.sparse_conv"]]
-
-
 def test_no_import_cycles():
-    found = [c for c in cycles(import_graph()) if c not in KNOWN]
+    found = cycles(import_graph())
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.modules.sparse import SparseConv3d, SparseTensor, build_neighbor_map, sparse_cat
-from backend.modules.sparse import conv as conv_mod
+from backend.modules.sparse import conv as conv_mod, conv_torch
 
 
 def _random_sparse(seed: int, batch: int = 3, res: int = 7, density: float = 0.3, cin: int = 5,
@@ -33,7 +33,7 @@ def _dense_reference(x: SparseTensor, conv: SparseConv3d, res: int) -> torch.Ten
 @pytest.mark.parametrize("algo", ["gather", "pairs"])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_conv_matches_dense_conv3d(shuffle: bool, algo: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv_mod, "ALGORITHM", algo)
+    monkeypatch.setattr(conv_torch, "ALGORITHM", algo)
     torch.manual_seed(0)
     x = _random_sparse(1, shuffle=shuffle)
     conv = SparseConv3d(5, 6)
@@ -64,14 +64,14 @@ def test_conv_chunked_equals_unchunked(algo: str, monkeypatch: pytest.MonkeyPatc
     conv = SparseConv3d(8, 8)
     with torch.no_grad():
         full = conv(x).feats  # default algorithm, one chunk
-        monkeypatch.setattr(conv_mod, "ALGORITHM", algo)
-        monkeypatch.setattr(conv_mod, "CHUNK_BYTES", 27 * 8 * 4 * 7)  # a few rows per chunk
+        monkeypatch.setattr(conv_torch, "ALGORITHM", algo)
+        monkeypatch.setattr(conv_torch, "CHUNK_BYTES", 27 * 8 * 4 * 7)  # a few rows per chunk
         chunked = conv(x.replace(x.feats)).feats
     torch.testing.assert_close(full, chunked, atol=1e-5, rtol=1e-5)
 
 
 def test_neighbor_map_symmetry_and_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv_mod, "ALGORITHM", "gather")
+    monkeypatch.setattr(conv_torch, "ALGORITHM", "gather")
     x = _random_sparse(5, shuffle=True)
     nbr = build_neighbor_map(x.coords)
     assert nbr.dtype == torch.int32
@@ -85,7 +85,7 @@ def test_neighbor_map_symmetry_and_cache(monkeypatch: pytest.MonkeyPatch) -> Non
     assert torch.equal(nbr[:, 13], torch.arange(n))  # centre tap is the voxel itself
     # expected coordinates of every found neighbour
     c = x.coords.long()
-    off = conv_mod._OFFSETS
+    off = conv_torch._OFFSETS
     exp = c[:, None, 1:] + off[None]
     assert torch.equal(c[nbr[ok]][:, 1:], exp[ok])
     assert torch.equal(c[nbr[ok]][:, 0], c[rows[ok]][:, 0])
@@ -99,7 +99,7 @@ def test_neighbor_map_symmetry_and_cache(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_pair_lists_cached_and_mirrored(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv_mod, "ALGORITHM", "pairs")
+    monkeypatch.setattr(conv_torch, "ALGORITHM", "pairs")
     x = _random_sparse(9, shuffle=True)
     conv = SparseConv3d(5, 5)
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_forward_children_equals_full_conv_then_slice() -> None:
 
 @pytest.mark.parametrize("algo", ["gather", "pairs"])
 def test_conv_gradients_match_dense(algo: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(conv_mod, "ALGORITHM", algo)
+    monkeypatch.setattr(conv_torch, "ALGORITHM", algo)
     torch.manual_seed(4)
     x = _random_sparse(7, batch=2, res=5, cin=3)
     feats = x.feats.clone().requires_grad_(True)

@@ -75,8 +75,8 @@ def test_decoder_fp16_conversion_keeps_norms_fp32() -> None:
 @pytest.mark.parametrize("name", ["shape_encoder", "tex_decoder_guided", "tex_decoder_encoder_cache"])
 def test_golden_case_pairs_algorithm(golden_dir: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-tap ``pairs`` conv reproduces the golden cases too (the default on one CPU thread)."""
-    from backend.modules.sparse import conv as conv_mod
+    from backend.modules.sparse import conv_torch
 
-    monkeypatch.setattr(conv_mod, "ALGORITHM", "pairs")
+    monkeypatch.setattr(conv_torch, "ALGORITHM", "pairs")
     report = run_case(golden_dir, name)
     assert report.passed, report.errors
