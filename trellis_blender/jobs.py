@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import core
+from .backend.jobs import new_job_id
 from .backend.errors import HINTS
 
 #: Advice per error kind: the one table in ``backend/errors.py`` (shared with the backend).
@@ -29,11 +29,6 @@ STAGE_LABELS = {
     "shape_hr": "Shape HR", "tex_slat": "Texture", "texture": "Texture", "decode": "Decode",
     "postprocess": "Post-process", "unwrap": "UV unwrap", "bake": "Bake",
 }
-
-
-def new_job_id(kind: str) -> str:
-    """A unique, filesystem-safe job id (matches the backend's job-id rule)."""
-    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def file_hash(path: str, n_hex: int = 16) -> str:
