@@ -67,15 +67,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+def current_umask() -> int:
+    """The process umask (Linux: read from /proc, without changing it; elsewhere set-and-restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _replace_atomically(path: Path, write: Callable[[BinaryIO], object], honour_umask: bool = False) -> Path:
     """Let ``write`` fill a tmp file next to ``path`` (whose folder exists), fsync it, rename it to
-    ``path``; on any error the tmp file is removed and the error re-raised."""
+    ``path``; on any error the tmp file is removed and the error re-raised. The file is private
+    (0600, mkstemp's mode) unless ``honour_umask`` gives it a new file's usual mode."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if honour_umask:
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -87,11 +104,12 @@ def _replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
-    """Write ``data`` to ``path`` atomically (tmp file in the same folder + fsync + rename)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview, *, honour_umask: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically (tmp file in the same folder + fsync + rename); a user-facing
+    output passes ``honour_umask`` (job files stay private)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _replace_atomically(path, lambda fh: fh.write(data))
+    return _replace_atomically(path, lambda fh: fh.write(data), honour_umask)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -507,56 +507,26 @@ def save_mesh(path: "str | os.PathLike", vertices: np.ndarray, faces: np.ndarray
 
 
 def _save_glb(p: Path, v, f, col, normals, mr=None) -> None:
-    chunks = []
-    views = []
-    accessors = []
+    from .glb import GlbBuilder
 
-    def add(arr: np.ndarray, target: int, comp: int, typ: str, minmax: bool = False):
-        data = np.ascontiguousarray(arr).tobytes()
-        off = sum(len(c) for c in chunks)
-        chunks.append(data + b"\0" * ((4 - len(data) % 4) % 4))
-        views.append({"buffer": 0, "byteOffset": off, "byteLength": len(data), "target": target})
-        acc = {"bufferView": len(views) - 1, "componentType": comp, "count": int(arr.shape[0]), "type": typ}
-        if minmax and arr.shape[0]:
-            acc["min"] = arr.min(0).astype(float).tolist()
-            acc["max"] = arr.max(0).astype(float).tolist()
-        accessors.append(acc)
-        return len(accessors) - 1
-
-    idx_dtype, idx_comp = (np.uint16, 5123) if v.shape[0] < 65535 else (np.uint32, 5125)
-    attrs = {"POSITION": add(v.astype(np.float32), 34962, 5126, "VEC3", True)}
+    glb = GlbBuilder("trellis2 backend.mesh_io")
+    attrs = {"POSITION": glb.accessor(v.astype(np.float32), minmax=True)}
     if normals is not None:
-        attrs["NORMAL"] = add(np.asarray(normals, np.float32).reshape(-1, 3), 34962, 5126, "VEC3")
+        attrs["NORMAL"] = glb.accessor(np.asarray(normals, np.float32).reshape(-1, 3))
     if col is not None:
-        lin = np.concatenate([srgb_to_linear(col[:, :3]), col[:, 3:4]], 1).astype(np.float32)
-        attrs["COLOR_0"] = add(lin, 34962, 5126, "VEC4")
+        attrs["COLOR_0"] = glb.accessor(np.concatenate([srgb_to_linear(col[:, :3]), col[:, 3:4]], 1).astype(np.float32))
     factors = {"metallicFactor": 0.0, "roughnessFactor": 0.8}
     if mr is not None:
         mr = np.clip(np.asarray(mr, np.float32).reshape(v.shape[0], 2), 0.0, 1.0)
-        attrs["_METALLIC"] = add(np.ascontiguousarray(mr[:, 0]), 34962, 5126, "SCALAR")
-        attrs["_ROUGHNESS"] = add(np.ascontiguousarray(mr[:, 1]), 34962, 5126, "SCALAR")
+        attrs["_METALLIC"] = glb.accessor(mr[:, 0])
+        attrs["_ROUGHNESS"] = glb.accessor(mr[:, 1])
         if mr.shape[0]:
             factors = {"metallicFactor": float(np.median(mr[:, 0])), "roughnessFactor": float(np.median(mr[:, 1]))}
     blend = col is not None and bool((col[:, 3] < 250 / 255).any())
-    ind = add(f.astype(idx_dtype).reshape(-1), 34963, idx_comp, "SCALAR")
-    blob = b"".join(chunks)
-    gl = {
-        "asset": {"version": "2.0", "generator": "trellis2 backend.mesh_io"},
-        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
-        "meshes": [{"primitives": [{"attributes": attrs, "indices": ind, "material": 0, "mode": 4}]}],
-        "materials": [{"name": "ovoxel", "doubleSided": True, "alphaMode": "BLEND" if blend else "OPAQUE",
-                       "pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], **factors}}],
-        "buffers": [{"byteLength": len(blob)}], "bufferViews": views, "accessors": accessors,
-    }
-    js = json.dumps(gl, separators=(",", ":")).encode("utf-8")
-    js += b" " * ((4 - len(js) % 4) % 4)
-    total = 12 + 8 + len(js) + 8 + len(blob)
-    with open(p, "wb") as fh:
-        fh.write(struct.pack("<4sII", b"glTF", 2, total))
-        fh.write(struct.pack("<II", len(js), 0x4E4F534A))
-        fh.write(js)
-        fh.write(struct.pack("<II", len(blob), 0x004E4942))
-        fh.write(blob)
+    glb.mesh("ovoxel", attrs, glb.indices(f, v.shape[0]), {
+        "name": "ovoxel", "doubleSided": True, "alphaMode": "BLEND" if blend else "OPAQUE",
+        "pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], **factors}})
+    glb.write(p)
 
 
 def _save_ply(p: Path, v, f, col) -> None:

@@ -1,4 +1,4 @@
-"""GLB export of pipeline results (trimesh): PBR material, Z-up → glTF Y-up, atomic writes.
+"""GLB export of pipeline results (through :mod:`backend.glb`): PBR material, Z-up → glTF Y-up, atomic writes.
 
 ``generation_to_textured_mesh`` turns a :class:`GenerationResult` into a UV-mapped mesh with baked
 textures (optional decimation, xatlas unwrap, UV-space bake of the voxel attributes);
@@ -7,8 +7,8 @@ textures (optional decimation, xatlas unwrap, UV-space bake of the voxel attribu
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadInput
+from ..glb import GlbBuilder
 
-__all__ = ["write_glb", "generation_to_textured_mesh", "split_corner_uvs", "current_umask"]
+__all__ = ["write_glb", "generation_to_textured_mesh", "split_corner_uvs"]
 
 
 def split_corner_uvs(faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,20 +31,6 @@ def split_corner_uvs(faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.
     key = np.concatenate([f[:, None].astype(np.float64), np.round(u, 7)], axis=1)
     uniq, inv = np.unique(key, axis=0, return_inverse=True)
     return uniq[:, 0].astype(np.int64), inv.reshape(-1, 3).astype(np.int64), uniq[:, 1:3]
-
-
-def current_umask() -> int:
-    """The process umask (Linux: read from /proc, without changing it; elsewhere set-and-restore)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray,
@@ -60,8 +47,6 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
     The file is written to a temporary name next to ``path`` and renamed, so a failure never leaves a
     partial file.
     """
-    import trimesh
-
     v = np.asarray(vertices, np.float64)
     f = np.asarray(faces, np.int64)
     uv = np.asarray(uv, np.float64)
@@ -72,31 +57,24 @@ def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, 
         uvv = uv
     if z_up:
         v = np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
+    glb = GlbBuilder("trellis2 backend.pipelines.export")
+    attrs = {"POSITION": glb.accessor(v.astype(np.float32), minmax=True),
+             # glTF's texture origin is the top-left corner: v flips
+             "TEXCOORD_0": glb.accessor(np.stack([uvv[:, 0], 1.0 - uvv[:, 1]], 1).astype(np.float32))}
     alpha_varies = bool((np.asarray(base_color)[..., 3] < 250).any())
-    material = trimesh.visual.material.PBRMaterial(
-        name=f"{name}_material",
-        baseColorTexture=Image.fromarray(np.ascontiguousarray(base_color), "RGBA"),
-        metallicRoughnessTexture=Image.fromarray(np.ascontiguousarray(metallic_roughness), "RGB"),
-        metallicFactor=1.0, roughnessFactor=1.0, alphaMode="BLEND" if alpha_varies else "OPAQUE",
-        doubleSided=False)
-    mesh = trimesh.Trimesh(vertices=v, faces=f, process=False,
-                           visual=trimesh.visual.TextureVisuals(uv=uvv, material=material))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = trimesh.Scene({name: mesh}).export(file_type="glb")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp made it 0600; a new file honours the umask
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    material = {"name": f"{name}_material", "alphaMode": "BLEND" if alpha_varies else "OPAQUE", "doubleSided": False,
+                "pbrMetallicRoughness": {
+                    "baseColorTexture": glb.texture(_png(base_color, "RGBA"), "baseColor"),
+                    "metallicRoughnessTexture": glb.texture(_png(metallic_roughness, "RGB"), "metallicRoughness"),
+                    "metallicFactor": 1.0, "roughnessFactor": 1.0}}
+    glb.mesh(name, attrs, glb.indices(f, v.shape[0]), material)
+    return glb.write(path)
+
+
+def _png(pixels: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels), mode).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def generation_to_textured_mesh(result, texture_size: int = 2048, decimate: int | None = None, device=None,
