@@ -31,6 +31,10 @@ SOURCES: tuple[tuple[str, str], ...] = (
     ("kernels", "kernels"),
 )
 EXCLUDE_DIRS = {"__pycache__", "tests", "build", "dist"}
+#: ``trellis_blender/backend`` is a symlink to ``../backend`` so editors and linters resolve the add-on's
+#: ``from .backend import …`` in the repository; the zip gets the real folder from the ``backend`` source.
+#: (Where git checks symlinks out as small text files, that file is skipped the same way.)
+LINKED = {("trellis_blender", "backend")}
 EXCLUDE_FILES = ("*.pyc", "*.pyo", "*.zip", "*.blend1", "*.orig", "*.rej", "*~")
 ZIP_EPOCH = (2020, 1, 1, 0, 0, 0)
 
@@ -57,6 +61,8 @@ def extension_files() -> list[tuple[Path, str]]:
             raise SystemExit(f"build.py: missing source folder {base}")
         for path in base.rglob("*"):
             rel = path.relative_to(base)
+            if (src, rel.parts[0]) in LINKED:
+                continue
             if path.is_file() and _included(rel):
                 arc = "/".join(((dest,) if dest else ()) + rel.parts)
                 if arc in files:

@@ -49,3 +49,24 @@ def test_validator_rejects_bad_manifest(tmp_path: Path, monkeypatch) -> None:
         assert "version" in str(exc)
     else:
         raise AssertionError("validator accepted version '0.1'")
+
+
+def test_repository_resolves_the_addons_backend_imports(tmp_path: Path, monkeypatch) -> None:
+    """``trellis_blender/backend`` links to ``../backend`` (so tools follow ``from .backend import …``);
+    the zip still holds each backend file once, from the real folder, also where git checked the link
+    out as a plain file (no symlink support)."""
+    link = build.ROOT / "trellis_blender" / "backend"
+    assert link.is_symlink() and link.resolve() == (build.ROOT / "backend").resolve()
+    names = zipfile.ZipFile(build.build_zip(tmp_path / "a")).namelist()
+    assert "backend/protocol.py" in names and "backend" not in names
+
+    fake_root = tmp_path / "repo"
+    for src, _ in build.SOURCES:
+        (fake_root / src).mkdir(parents=True)
+        (fake_root / src / "__init__.py").write_text("# " + src)
+    (fake_root / "trellis_blender" / "backend").write_text("../backend")   # a symlink checked out as text
+    (fake_root / "blender_manifest.toml").write_bytes(build.MANIFEST.read_bytes())
+    monkeypatch.setattr(build, "ROOT", fake_root)
+    monkeypatch.setattr(build, "MANIFEST", fake_root / "blender_manifest.toml")
+    arcs = [a for _, a in build.extension_files()]
+    assert arcs == ["__init__.py", "backend/__init__.py", "blender_manifest.toml", "kernels/__init__.py"]

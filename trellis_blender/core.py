@@ -132,16 +132,9 @@ def mark_failed(job_json: Path, message: str = INTERRUPTED_MESSAGE) -> bool:
     if not isinstance(meta, dict) or meta.get("status") not in STALE_STATUSES:
         return False
     meta.update(status="failed", updated=time.time(), error={"kind": "interrupted", "message": message})
-    fd, tmp = tempfile.mkstemp(dir=str(Path(job_json).parent), prefix=".job.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh)
-        os.replace(tmp, job_json)
+        atomic_write_bytes(job_json, json.dumps(meta).encode("utf-8"))
     except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         return False
     return True
 
