@@ -12,10 +12,11 @@ import os
 import random
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from .backend.jobs import atomic_write_bytes
 
 # -- errors ----------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ selected-object section, presets, history names and stale jobs, token-budget not
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -307,6 +308,28 @@ def test_history_named_after_image_and_stale_job_failed_after_kill(addon, fake, 
     row.TRELLIS_UL_history.draw_item(FakeSelf(None, out), bpy.context, out, st, items[done_job], 0, st,
                                      "history_index", 0)
     assert "red_chair · 512 · seed 2" in out.texts()
+
+    # the thumbnail is the job's stored input image (bpy's previews give no icons in background mode:
+    # a stand-in collection records what is loaded and hands out an icon id)
+    class _Preview:
+        icon_id = 77
+
+    class _Previews(dict):
+        def load(self, name, path, kind):
+            assert kind == "IMAGE" and os.path.isfile(path)
+            self[name] = _Preview()
+
+    old_previews = row._previews
+    row._previews = _Previews()
+    try:
+        out = RecordingLayout()
+        row.TRELLIS_UL_history.draw_item(FakeSelf(None, out), bpy.context, out, st, items[done_job], 0, st,
+                                         "history_index", 0)
+        assert list(row._previews) == [items[done_job].image_path]
+        assert items[done_job].image_path.endswith(os.path.join(done_job, "input", "image.png"))
+        assert [c["args"].get("icon_value") for c in out.calls if c["args"].get("text", "").startswith("red_chair")] == [77]
+    finally:
+        row._previews = old_previews
 
 
 def test_token_budget_note_and_learned_job_eta(addon, fake, tmp_path):
