@@ -68,6 +68,7 @@ class JobContext:
         self.check_cancel()
 
     def log(self, text: str, level: str = "info") -> None:
+        """Send a log line to the client (throttled by the server)."""
         self.server.send_log(level, text)
 
 

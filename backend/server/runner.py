@@ -56,7 +56,7 @@ class PipelineRunner:
                 m.get("ss_decoder_dir") or None, bool(m.get("low_vram", self.low_vram)),
                 str(m.get("precision") or "auto"), m.get("rembg_dir") or None)
 
-    def _pipeline(self, ctx: JobContext):
+    def _pipeline(self, ctx: JobContext) -> Any:
         """The pipeline for this job's settings; loaded on first use and reloaded (models freed first)
         when the model folders, device, low-VRAM mode or precision change between jobs."""
         key = self.settings_key(ctx.msg)
@@ -173,7 +173,7 @@ def background_policy(msg: dict[str, Any]) -> str:
     return "auto"
 
 
-def _guide(ctx: JobContext):
+def _guide(ctx: JobContext) -> Any:
     """The request's blockout (``guide_*`` arrays and fields) as a normalised guide, or None."""
     a = ctx.arrays
     if "guide_vertices" not in a:
@@ -186,7 +186,7 @@ def _guide(ctx: JobContext):
                          transform=a.get("guide_matrix"), frame=s.get("guide_frame") or "fit")
 
 
-def _load_image(ctx: JobContext, path: Path | None = None):
+def _load_image(ctx: JobContext, path: Path | None = None) -> Any:
     """The job's input image (or one of its stored extra views) as a PIL image (from the job folder;
     inputs were validated and saved first; loaded with every guard again, for older job folders)."""
     from ..pipelines.preprocess import load_image
