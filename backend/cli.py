@@ -18,7 +18,7 @@ from . import __version__
 # Subcommand modules (relative to this package). Each defines register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
     ".pipelines.cli",
-    ".server",
+    ".server.cli",
     ".selftest",
     ".ovoxel.cli",
     ".batch",
