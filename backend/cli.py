@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     ".selftest",
     ".ovoxel.cli",
     ".batch",
+    ".download",
 )
 
 

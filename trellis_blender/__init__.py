@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # Registered in this order, unregistered in reverse.
-_MODULES: tuple[str, ...] = ("preferences", "properties", "operators", "views", "ui")
+_MODULES: tuple[str, ...] = ("preferences", "ops_download", "properties", "operators", "views", "ui")
 
 
 def _modules():

@@ -1,21 +1,23 @@
 """Add-on preferences: backend Python and environment, model folders, device and cache options.
 
 Operators here: create the backend environment (venv + pip, non-blocking, logged), check the backend
-(``trellis2 selftest`` JSON shown in the preferences), open the setup log.
+(``trellis2 selftest`` JSON shown in the preferences), open the setup log. Model downloads:
+``ops_download``; the preferences accessors and the task timer: ``prefs_access``.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, IntProperty, StringProperty
 
 from . import runtime, tasks
+from .ops_download import draw_download_box
+from .prefs_access import (ADDON, backend_task_ready, cache_dir, get_prefs, start_task_polling,  # noqa: F401
+                           stop_task_polling)
 from .setup_check import TRELLIS_PG_preset, draw_presets_box, folder_update  # issue 16: presets, folders
 
-ADDON = __package__
 PRECISIONS = (
     ("AUTO", "Auto", "bf16 (official) on NVIDIA RTX 30xx / A100 or newer (compute capability 8.0+), "
                      "fp16 on older NVIDIA GPUs (GTX 10xx / RTX 20xx have no bf16), fp32 on the CPU"),
@@ -24,28 +26,6 @@ PRECISIONS = (
     ("FP32", "fp32", "float32: never overflows, but needs about 2× the VRAM of the flow models and is slower"),
 )
 MAX_TOKENS_DEFAULT = 49152  # the official cascade token budget
-
-
-def get_prefs(context=None) -> "TRELLIS_AddonPreferences":
-    """This add-on's preferences."""
-    context = context or bpy.context
-    return context.preferences.addons[ADDON].preferences
-
-
-def cache_dir(prefs=None) -> Path:
-    """Job/cache folder: the preference, or the extension's user folder."""
-    prefs = prefs or get_prefs()
-    if prefs.cache_dir:
-        path = Path(bpy.path.abspath(prefs.cache_dir))
-    else:
-        try:
-            path = Path(bpy.utils.extension_path_user(ADDON, path="cache", create=True))
-        except (ValueError, AttributeError, TypeError):
-            import tempfile
-
-            path = Path(tempfile.gettempdir()) / "trellis2_cache"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _is_loopback(host: str) -> bool:
@@ -59,30 +39,6 @@ def default_env_dir() -> str:
         return bpy.utils.extension_path_user(ADDON, path="backend_env", create=False)
     except (ValueError, AttributeError, TypeError):
         return ""
-
-
-def _tag_prefs_redraw() -> None:
-    for window in getattr(bpy.context.window_manager, "windows", []):
-        for area in window.screen.areas:
-            if area.type in ("PREFERENCES", "VIEW_3D"):
-                area.tag_redraw()
-
-
-def _task_timer():
-    """Timer: advance the preference tasks; unregisters itself when none runs."""
-    running = False
-    for task in (runtime.env_task, runtime.selftest_task, runtime.download_task):
-        if task is not None and task.running:
-            running = task.poll() or running
-    if runtime.selftest_task is not None and not runtime.selftest_task.running:
-        runtime.load_selftest_result()
-    _tag_prefs_redraw()
-    return 0.5 if running else None
-
-
-def start_task_polling() -> None:
-    if not bpy.app.timers.is_registered(_task_timer):
-        bpy.app.timers.register(_task_timer, first_interval=0.3, persistent=True)
 
 
 class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
@@ -213,27 +169,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
             col.prop(self, prop)
             icon, text = tasks.model_folder_status(bpy.path.abspath(getattr(self, prop)), kind)
             col.label(text=text, icon=icon)
-        row = box.row()
-        online = bool(getattr(bpy.app, "online_access", False))
-        row.enabled = online
-        row.prop(self, "allow_downloads")
-        row.operator("trellis.download_models", icon="URL").which = "ALL"
-        row.operator("trellis.download_models", text="Download BiRefNet", icon="IMAGE_RGB_ALPHA").which = "REMBG"
-        if runtime.download_task is not None:
-            task = runtime.download_task
-            if task.running:
-                box.progress(factor=task.fraction, type="BAR", text=task.status_text())
-            else:
-                box.label(text=task.status_text(), icon="CHECKMARK" if task.ok else "ERROR")
-                if not task.ok:
-                    for line in task.log_tail(3).splitlines()[-2:]:
-                        box.label(text=line[:150])
-            box.operator("trellis.open_path", text="Open download log", icon="TEXT").path = str(task.log_path)
-        else:
-            box.label(text="DINOv3 is gated: accept its licence on huggingface.co and run 'hf auth login' first "
-                           "(about 18 GB in all)", icon="INFO")
-        if not online:
-            box.label(text="Downloads need Online Access (Preferences › System › Network)", icon="INFO")
+        draw_download_box(box, self)
 
         box = layout.box()
         box.label(text="Runtime", icon="PREFERENCES")
@@ -297,14 +233,7 @@ class TRELLIS_OT_check_backend(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        prefs = get_prefs(context)
-        if not prefs.backend_python:
-            cls.poll_message_set("Set the backend Python first")
-            return False
-        if runtime.selftest_task is not None and runtime.selftest_task.running:
-            cls.poll_message_set("The self-test is running")
-            return False
-        return True
+        return backend_task_ready(cls, context, runtime.selftest_task, "The self-test is running")
 
     def execute(self, context):
         prefs = get_prefs(context)
@@ -326,63 +255,6 @@ class TRELLIS_OT_check_backend(bpy.types.Operator):
             runtime.load_selftest_result()
             # the self-test exits 1 when it found problems; its JSON report is what counts here
             return {"FINISHED"} if runtime.selftest_data is not None else {"CANCELLED"}
-        start_task_polling()
-        return {"FINISHED"}
-
-
-class TRELLIS_OT_download_models(bpy.types.Operator):
-    """Download DINOv3 (gated: first, so a missing licence acceptance fails fast), the sparse-structure
-    decoder, TRELLIS.2-4B and the BiRefNet background remover with the backend's Python"""
-
-    bl_idname = "trellis.download_models"
-    bl_label = "Download Models"
-
-    which: EnumProperty(name="What", default="ALL", options={"SKIP_SAVE"}, items=(
-        ("ALL", "All Models", "TRELLIS.2-4B, DINOv3, the sparse-structure decoder and BiRefNet"),
-        ("REMBG", "Background Removal", "Only BiRefNet (ZhengPeng7/BiRefNet, MIT, ~440 MB)")))
-
-    @classmethod
-    def description(cls, context, properties):
-        if properties.which == "REMBG":
-            return "Download the BiRefNet background remover (ZhengPeng7/BiRefNet, MIT, ungated, ~440 MB)"
-        return cls.__doc__
-
-    @classmethod
-    def poll(cls, context):
-        if not getattr(bpy.app, "online_access", False):
-            cls.poll_message_set("Blender's Online Access is off (Preferences › System › Network)")
-            return False
-        prefs = get_prefs(context)
-        if not prefs.allow_downloads:
-            cls.poll_message_set("Tick 'Allow model downloads' first")
-            return False
-        if not prefs.backend_python:
-            cls.poll_message_set("Set the backend Python first")
-            return False
-        if runtime.download_task is not None and runtime.download_task.running:
-            cls.poll_message_set("A download is running")
-            return False
-        return True
-
-    def execute(self, context):
-        prefs = get_prefs(context)
-        if prefs.model_dir:
-            root = os.path.dirname(os.path.normpath(bpy.path.abspath(prefs.model_dir)))
-        else:
-            root = str(cache_dir(prefs).parent / "models")
-        everything = self.which == "ALL"
-        runtime.download_task = tasks.download_task(bpy.path.abspath(prefs.backend_python), root,
-                                                    cache_dir(prefs) / "logs" / "download.log",
-                                                    models=everything).start()
-        if everything:
-            prefs.model_dir = os.path.join(root, "TRELLIS.2-4B")
-            if not prefs.dinov3_dir:
-                prefs.dinov3_dir = os.path.join(root, "dinov3-vitl16-pretrain-lvd1689m")
-        if not prefs.rembg_dir:
-            prefs.rembg_dir = os.path.join(root, tasks.REMBG_DOWNLOAD[1])
-        if bpy.app.background:
-            runtime.download_task.wait(timeout=6 * 3600)
-            return {"FINISHED"} if runtime.download_task.ok else {"CANCELLED"}
         start_task_polling()
         return {"FINISHED"}
 
@@ -417,7 +289,7 @@ class TRELLIS_OT_open_path(bpy.types.Operator):
 
 
 CLASSES = (TRELLIS_PG_preset, TRELLIS_AddonPreferences, TRELLIS_OT_create_backend_env, TRELLIS_OT_check_backend,
-           TRELLIS_OT_download_models, TRELLIS_OT_open_path)
+           TRELLIS_OT_open_path)
 
 
 def register() -> None:
@@ -426,10 +298,6 @@ def register() -> None:
 
 
 def unregister() -> None:
-    if bpy.app.timers.is_registered(_task_timer):
-        bpy.app.timers.unregister(_task_timer)
-    for task in (runtime.env_task, runtime.selftest_task, runtime.download_task):
-        if task is not None and task.running:
-            task.cancel()
+    stop_task_polling()
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

@@ -16,7 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
+
+from .backend.download import MODEL_REPOS, REMBG_REPO, repos_for  # noqa: F401  (the one repository table)
 
 def clean_env(extra_pythonpath: Optional[str] = None) -> dict[str, str]:
     """Blender's environment without its Python variables (the backend has its own Python)."""
@@ -34,9 +36,23 @@ def _popen_kwargs() -> dict:
     return {"start_new_session": True}
 
 
+class EventListener(Protocol):
+    """Receives the JSON events (``{"event": …}`` lines) a task's children print."""
+
+    def apply(self, event: dict) -> None: ...
+
+    def text(self) -> str: ...
+
+    def fraction(self) -> Optional[float]: ...
+
+
 @dataclass
 class ProcessTask:
-    """Runs ``steps`` (argv lists, never a shell) in order; output goes to ``log_path``."""
+    """Runs ``steps`` (argv lists, never a shell) in order; output goes to ``log_path``.
+
+    With a ``listener``, every ``{"event": …}`` line the children write is parsed from the log as it
+    grows and handed to ``listener.apply`` (status text and fraction then come from the listener).
+    """
 
     title: str
     steps: Sequence[Sequence[str]]
@@ -48,8 +64,11 @@ class ProcessTask:
     returncode: Optional[int] = None
     started: float = field(default_factory=time.monotonic)
     finished: Optional[float] = None
+    listener: Optional[EventListener] = None
     _proc: Optional[subprocess.Popen] = None
     _log: Optional[object] = None
+    _read_at: int = 0
+    _partial: bytes = b""
 
     @property
     def running(self) -> bool:
@@ -61,11 +80,16 @@ class ProcessTask:
 
     @property
     def fraction(self) -> float:
+        own = self.listener.fraction() if self.listener is not None else None
+        if own is not None:
+            return own
         n = max(1, len(self.steps))
         return min(1.0, (self.index + (1.0 if not self.running else 0.5)) / n) if self.steps else 1.0
 
     def status_text(self) -> str:
         n = len(self.steps)
+        if self.running and self.listener is not None and self.listener.text():
+            return f"{self.title}: {self.listener.text()}"
         if self.running:
             name = self.step_titles[self.index] if self.index < len(self.step_titles) else "working"
             return f"{self.title}: step {self.index + 1}/{n} · {name}"
@@ -82,6 +106,7 @@ class ProcessTask:
         argv = [str(a) for a in self.steps[self.index]]
         self._log.write(f"\n$ {' '.join(argv)}\n")  # type: ignore[union-attr]
         self._log.flush()  # type: ignore[union-attr]
+        self._read_at, self._partial = self._log.tell(), b""  # type: ignore[union-attr]  # events: the child's only
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                           cwd=self.cwd, env=self.env, **_popen_kwargs())
@@ -89,7 +114,30 @@ class ProcessTask:
             self._log.write(f"cannot start: {exc}\n")  # type: ignore[union-attr]
             self._finish(127)
 
+    def _read_events(self) -> None:
+        """Hand the complete ``{"event": …}`` lines written to the log since the last call to the listener."""
+        if self.listener is None:
+            return
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self._read_at)
+                data = fh.read()
+        except OSError:
+            return
+        self._read_at += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for raw in lines:
+            line = raw.strip()
+            if line.startswith(b'{"event"'):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                self.listener.apply(event)
+
     def _finish(self, code: int) -> None:
+        self._read_events()
         self.returncode = code
         self.finished = time.monotonic()
         if self._log is not None:
@@ -103,6 +151,7 @@ class ProcessTask:
             return False
         if self._proc is None:
             return self.running
+        self._read_events()
         code = self._proc.poll()
         if code is None:
             return True
@@ -343,49 +392,85 @@ from .model_folders import (MODEL_KINDS, find_model_folder, forget_folder_status
 
 
 # --- model downloads (only when Blender's online access is on and the user asked) -------------------
+#
+# ``trellis2 download`` (backend/download.py, which also holds the repository table) runs in the backend's
+# Python and prints one JSON event per line; :class:`DownloadProgress` turns them into the preferences'
+# progress line and, on failure, the error's message and advice.
 
-DOWNLOADS: tuple[tuple[str, str, Optional[list]], ...] = (
-    # (Hugging Face repo, folder name next to the TRELLIS.2 snapshot, allow_patterns). The gated DINOv3
-    # comes first: a missing licence acceptance / login fails in seconds, not after the 16 GB model.
-    ("facebook/dinov3-vitl16-pretrain-lvd1689m", "dinov3-vitl16-pretrain-lvd1689m", None),
-    ("microsoft/TRELLIS-image-large", "TRELLIS-image-large", ["ckpts/ss_dec_conv3d_16l8_fp16.*"]),
-    ("microsoft/TRELLIS.2-4B", "TRELLIS.2-4B", None),
-)
-#: The background remover (MIT, ungated): only the weights and config, never its remote code.
-REMBG_DOWNLOAD: tuple[str, str, Optional[list]] = ("ZhengPeng7/BiRefNet", "BiRefNet", ["model.safetensors", "config.json"])
-
-# One download step, run by the backend's Python: ``python -c CODE REPO FOLDER PATTERNS_JSON``. A gated
-# or unauthorised repository ends with an explanation of what to do (exit code 3), not a traceback.
-_DOWNLOAD_CODE = """\
-import json, sys
-from huggingface_hub import snapshot_download
-repo, folder, patterns = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-try:
-    snapshot_download(repo, local_dir=folder, allow_patterns=patterns)
-except Exception as e:
-    text = f"{type(e).__name__}: {e}"
-    if type(e).__name__ in ("GatedRepoError", "RepositoryNotFoundError") or " 401" in text or " 403" in text:
-        sys.stderr.write(f"\\n{repo} is a gated repository (or needs a login): open https://huggingface.co/{repo} , "
-                         "accept its licence, log in with `hf auth login` (or set HF_TOKEN), then press "
-                         f"Download Models again.\\n({text.splitlines()[0]})\\n")
-        sys.exit(3)
-    raise
-"""
+def _sizes(done: int, total: int) -> str:
+    """``1.2 / 2.5 GB`` (the total's unit for both)."""
+    scale, unit, digits = (1e9, "GB", 1) if total >= 1e8 else (1e6, "MB", 0)
+    return f"{done / scale:.{digits}f} / {total / scale:.{digits}f} {unit}"
 
 
-def download_task(python: str, models_root: str, log_path: Path, *, models: bool = True,
-                  rembg: bool = True) -> ProcessTask:
-    """Download the weights with ``huggingface_hub.snapshot_download`` in the backend's Python.
+def _short(name: str, width: int = 40) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
 
-    Folders are laid out the way the backend's loader looks for them: ``<root>/TRELLIS.2-4B``,
-    ``<root>/TRELLIS-image-large/ckpts`` (sparse-structure decoder) and ``<root>/dinov3-…`` (DINOv3 is a
-    gated repository: accept its licence on huggingface.co and log in with ``hf auth login`` first);
-    ``rembg`` adds ``<root>/BiRefNet`` (the background remover, ~440 MB, ungated).
+
+@dataclass
+class DownloadProgress:
+    """The state of a ``trellis2 download --json`` child, fed with its events (an :class:`EventListener`)."""
+
+    what: str = "all"
+    total_bytes: int = 0
+    done_bytes: int = 0       # files verified so far
+    current: dict = field(default_factory=dict)
+    error: Optional[dict] = None
+    finished: bool = False
+
+    def apply(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "plan":
+            self.total_bytes = int(event.get("bytes") or 0)
+        elif kind == "file":
+            self.current = event
+        elif kind == "verified":
+            self.done_bytes += int(event.get("total") or 0)
+            self.current = event
+        elif kind == "error":
+            self.error = event
+        elif kind == "done":
+            self.finished = True
+
+    def fraction(self) -> Optional[float]:
+        if not self.total_bytes:
+            return None
+        now = int(self.current.get("done") or 0) if self.current.get("event") == "file" else 0
+        return min(1.0, (self.done_bytes + now) / self.total_bytes)
+
+    def text(self) -> str:
+        """E.g. ``TRELLIS.2-4B · ckpts/… 3/12 · 1.2 / 2.5 GB``."""
+        c = self.current
+        if not c:
+            return ""
+        folder = str(c.get("repo", "")).rpartition("/")[2]
+        where = f"{folder} · {_short(str(c.get('file', '')))} {c.get('index', 0)}/{c.get('count', 0)}"
+        if c.get("event") == "verified":
+            return f"{where} · verified"
+        return f"{where} · {_sizes(int(c.get('done') or 0), int(c.get('total') or 0))}"
+
+
+def download_task(python: str, models_root: str, log_path: Path, *, models: bool = True, rembg: bool = True,
+                  token: str = "", ext_dir: Optional[Path] = None) -> ProcessTask:
+    """``python -m backend download --json`` in the extension folder, its events parsed into a
+    :class:`DownloadProgress` (the task's ``listener``).
+
+    Folders are laid out the way the backend's loader looks for them (``<root>/TRELLIS.2-4B``,
+    ``<root>/TRELLIS-image-large/ckpts``, ``<root>/dinov3-…``, ``<root>/BiRefNet``; see
+    ``backend.download.MODEL_REPOS``). ``token`` goes to the child as ``HF_TOKEN`` only (empty: the
+    token of ``hf auth login``); it is in no argv and no log. One step, so the caller may drop it from
+    ``task.env`` once the task started.
     """
-    steps, titles = [], []
-    for repo, folder, patterns in (DOWNLOADS if models else ()) + ((REMBG_DOWNLOAD,) if rembg else ()):
-        steps.append([python, "-c", _DOWNLOAD_CODE, repo, str(Path(models_root) / folder), json.dumps(patterns)])
-        titles.append(f"download {repo}")
-    env = clean_env()
-    env.pop("HF_HUB_OFFLINE", None)
-    return ProcessTask("Download models", steps, log_path, env=env, step_titles=titles)
+    what = "all" if models and rembg else "models" if models else "rembg"
+    ext = Path(ext_dir) if ext_dir is not None else Path(__file__).resolve().parent
+    env = clean_env(str(ext))
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        env.pop(name, None)
+    env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if token.strip():
+        env["HF_TOKEN"] = token.strip()
+    steps = [[python, "-m", "backend", "download", "--root", str(models_root), "--what", what, "--json"]]
+    titles = (", ".join(r.repo_id for r in repos_for(what)),)
+    return ProcessTask("Download models", steps, log_path, cwd=str(ext), env=env, step_titles=titles,
+                       listener=DownloadProgress(what=what))
+

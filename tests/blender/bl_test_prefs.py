@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
+from pathlib import Path
 
 import bpy
 import pytest
 
 from helpers import addon_module, draw_panel, prefs
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_check_backend_shows_selftest(addon, tmp_path):
@@ -139,11 +144,113 @@ def test_downloads_need_online_access(addon, tmp_path):
             assert not bpy.ops.trellis.download_models.poll()
         tasks = addon_module(addon, "tasks")
         t = tasks.download_task(sys.executable, str(tmp_path), tmp_path / "dl.log")
-        assert [s[3] for s in t.steps] == [r for r, _, _ in tasks.DOWNLOADS] + ["ZhengPeng7/BiRefNet"]
-        assert "HF_HUB_OFFLINE" not in t.env
+        assert t.steps == [[sys.executable, "-m", "backend", "download", "--root", str(tmp_path), "--what", "all",
+                            "--json"]]
+        assert t.step_titles[0].split(", ") == [r.repo_id for r in tasks.MODEL_REPOS] + ["ZhengPeng7/BiRefNet"]
+        assert "HF_HUB_OFFLINE" not in t.env and "HF_TOKEN" not in t.env
         # BiRefNet alone: only its weights and config (never its remote code), into <root>/BiRefNet
         only = tasks.download_task(sys.executable, str(tmp_path), tmp_path / "dl.log", models=False)
-        assert [s[3:5] for s in only.steps] == [["ZhengPeng7/BiRefNet", str(tmp_path / "BiRefNet")]]
-        assert json.loads(only.steps[0][5]) == ["model.safetensors", "config.json"]
+        assert only.steps[0][-3:] == ["--what", "rembg", "--json"]
+        assert tasks.REMBG_REPO.patterns == ("model.safetensors", "config.json")
     finally:
         p.allow_downloads, p.backend_python = old
+
+
+TOKEN = "hf_BLENDERtoken0123456789SECRETvalue"
+
+
+def _fake_hub():
+    sys.path.insert(0, str(REPO / "tests"))
+    from _fake_hf_hub import small_model_hub
+
+    return small_model_hub(TOKEN)
+
+
+def _files_containing(folder: Path, needle: bytes) -> list[str]:
+    return [str(f) for f in folder.rglob("*") if f.is_file() and needle in f.read_bytes()]
+
+
+def test_download_operator_token_progress_and_errors(addon, tmp_path, monkeypatch):
+    """Download Models against a local fake Hub with the real ``trellis2 download`` child: the token
+    typed in the operator reaches the Hub (child env only) and is saved nowhere; the preferences show
+    per-file progress, then the error's message, advice and Retry (no traceback)."""
+    p = prefs(addon)
+    runtime = addon_module(addon, "runtime")
+    tasks = addon_module(addon, "tasks")
+    token_prop = bpy.ops.trellis.download_models.get_rna_type().properties["token"]
+    assert token_prop.subtype == "PASSWORD" and token_prop.is_skip_save
+    assert not any(prop.subtype == "PASSWORD" and ident.endswith("hf_token") for ident, prop in
+                   type(p).bl_rna.properties.items())          # never an add-on preference
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    keys = ("allow_downloads", "backend_python", "cache_dir", "model_dir", "dinov3_dir", "rembg_dir")
+    old = {k: getattr(p, k) for k in keys}
+    online = bpy.context.preferences.system.use_online_access
+    hub = _fake_hub()
+    try:
+        hub.start()
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        bpy.context.preferences.system.use_online_access = True
+        p.allow_downloads, p.backend_python, p.cache_dir = True, sys.executable, str(tmp_path / "cache")
+        p.model_dir = p.dinov3_dir = p.rembg_dir = ""
+        assert bpy.ops.trellis.download_models.poll()
+        assert bpy.ops.trellis.download_models("EXEC_DEFAULT", which="ALL", token=TOKEN) == {"FINISHED"}
+        task = runtime.download_task
+        assert task.ok and task.listener.finished, task.log_tail()
+        assert any(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+        assert "HF_TOKEN" not in task.env and all(TOKEN not in a for a in task.steps[0])
+        root = tmp_path / "models"                      # next to the cache folder
+        assert (root / "TRELLIS.2-4B" / "ckpts" / "a.safetensors").read_bytes() == b"a" * 5000
+        assert p.model_dir == str(root / "TRELLIS.2-4B") and p.rembg_dir == str(root / "BiRefNet")
+        layout = draw_panel(type(p), wrapped=p)
+        assert "Download models: done, every file verified" in layout.texts()
+
+        # per-file progress from a running child's recorded events
+        events = [{"event": "plan", "repos": ["microsoft/TRELLIS.2-4B"], "files": 12, "bytes": 5_000_000_000},
+                  {"event": "file", "repo": "microsoft/TRELLIS.2-4B", "file": "ckpts/x.safetensors", "index": 3,
+                   "count": 12, "done": 1_200_000_000, "total": 2_500_000_000}]
+        code = "import sys,time; print(sys.argv[1], flush=True); time.sleep(30)"
+        running = tasks.ProcessTask("Download models", [[sys.executable, "-c", code,
+                                                         "\n".join(json.dumps(e) for e in events)]],
+                                    tmp_path / "rec.log", listener=tasks.DownloadProgress()).start()
+        runtime.download_task = running
+        for _ in range(100):
+            running.poll()
+            if running.listener.current:
+                break
+            time.sleep(0.05)
+        layout = draw_panel(type(p), wrapped=p)
+        bars = [c["args"] for c in layout.calls if c["fn"] == "progress"]
+        assert bars and bars[-1]["text"] == "Download models: TRELLIS.2-4B · ckpts/x.safetensors 3/12 · 1.2 / 2.5 GB"
+        assert bars[-1]["factor"] == pytest.approx(0.24)
+        running.cancel()
+
+        # no token, a fresh folder: the gated DINOv3 fails first, shown as message + advice + Retry
+        p.model_dir = str(tmp_path / "fresh" / "TRELLIS.2-4B")
+        assert bpy.ops.trellis.download_models("EXEC_DEFAULT", which="ALL") == {"CANCELLED"}
+        layout = draw_panel(type(p), wrapped=p)
+        texts = layout.texts()
+        assert any("gated repository" in t for t in texts), texts
+        assert any(f"{hub.url}/facebook/dinov3-vitl16-pretrain-lvd1689m" in t for t in texts)
+        retry = [c for c in layout.calls if c["fn"] == "operator" and c["args"].get("text") == "Retry (resumes)"]
+        assert retry and retry[0]["set"]["which"] == "ALL"
+        assert not any("Traceback" in t for t in texts)
+        assert "Traceback" not in runtime.download_task.log_path.read_text()
+
+        # the token is in no file Blender or we wrote (preferences saved, logs, downloads)
+        assert bpy.ops.wm.save_userpref() == {"FINISHED"}
+        config = Path(bpy.utils.user_resource("CONFIG"))
+        assert (config / "userpref.blend").is_file()
+        needle = TOKEN.encode()
+        assert _files_containing(Path(os.environ["BLENDER_USER_RESOURCES"]), needle) == []
+        assert _files_containing(config, needle) == []
+        assert _files_containing(tmp_path, needle) == []
+    finally:
+        hub.stop()
+        for k, v in old.items():
+            setattr(p, k, v)
+        bpy.context.preferences.system.use_online_access = online
+        if runtime.download_task is not None and runtime.download_task.running:
+            runtime.download_task.cancel()
+        runtime.download_task = None
