@@ -133,18 +133,32 @@ def test_stop_all_at_exit_leaves_no_process(staged_extension, tmp_path):
 
 
 @pytest.mark.parametrize("script,ok,needle", [
-    ("echo 'noise'; echo '{\"ok\": true, \"problems\": [], \"torch\": {\"cuda\": true}}'", True, None),
-    ("echo 'not json'; exit 1", False, "JSON"),
-    ("echo 'Traceback: boom' >&2; exit 3", False, "code 3"),
+    ("echo 'noise'; printf 'noise\\n{\"ok\": true, \"problems\": [], \"torch\": {\"cuda\": true}}' > \"$3\"", True,
+     "torch.cuda: True"),
+    ("echo 'not json'; exit 1", False, "not json"),
+    ("echo 'Traceback: boom' >&2; exit 3", False, "Traceback: boom"),
 ])
-def test_selftest_job_reports_every_outcome(bc, staged_extension, tmp_path, script, ok, needle):
+def test_selftest_reports_every_outcome(staged_extension, tmp_path, script, ok, needle):
+    """The one self-test path ("Check backend": ``tasks.selftest_task`` read by ``runtime``)."""
+    import trellis2.runtime as runtime
+    import trellis2.tasks as tasks
+
     fake_python = tmp_path / "python"
     fake_python.write_text(f"#!/bin/sh\n{script}\n")
     fake_python.chmod(0o755)
-    job = bc.SelftestJob(fake_python, staged_extension, model_dir=tmp_path)
-    assert job.argv()[1:5] == ["-m", "backend", "selftest", "--compact"] and "--model-dir" in job.argv()
-    rep = job.run()
-    assert rep["ok"] is ok and (needle is None or needle in rep["error"])
-    if "exit 3" in script:
-        assert rep["stderr_tail"] == ["Traceback: boom"]
-    assert bc.SelftestJob(tmp_path / "missing", staged_extension).run()["ok"] is False
+    out = tmp_path / "selftest.json"
+    task = tasks.selftest_task(str(fake_python), staged_extension, tmp_path / "selftest.log", out,
+                               ["--model-dir", str(tmp_path)]).start()
+    assert task.steps[0][0] == str(fake_python) and task.steps[0][-2:] == ["--model-dir", str(tmp_path)]
+    rc = task.wait(timeout=60)
+    runtime.selftest_task, runtime.selftest_out, runtime.selftest_lines = task, out, []
+    try:
+        runtime.load_selftest_result()
+        assert (runtime.selftest_data is not None and runtime.selftest_data["ok"]) is ok
+        assert rc == (0 if ok else int(script[-1])) and ("failed" in task.status_text()) is not ok
+        assert any(needle in line for line in runtime.selftest_lines), runtime.selftest_lines
+    finally:
+        runtime.selftest_task, runtime.selftest_out, runtime.selftest_lines, runtime.selftest_data = None, None, [], None
+
+    missing = tasks.selftest_task(str(tmp_path / "missing"), staged_extension, tmp_path / "m.log", out).start()
+    assert missing.wait(timeout=60) != 0 and "failed" in missing.status_text()

@@ -1,4 +1,4 @@
-"""The "Create backend environment" plan (trellis_blender/tasks.py, pure Python, no bpy): which torch
+"""The "Create backend environment" plan (trellis_blender/env_setup.py, pure Python, no bpy): which torch
 build is installed from where, for every build choice on Linux, Windows and macOS; the torch pin read
 from the bundled requirements.txt; clear errors. Nothing here runs pip."""
 
@@ -26,7 +26,7 @@ EXPECTED = {
 
 @pytest.fixture
 def tasks(staged_extension):
-    import trellis2.tasks as mod
+    import trellis2.env_setup as mod
 
     return mod
 

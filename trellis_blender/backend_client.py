@@ -63,10 +63,8 @@ from typing import Any, Callable, Mapping
 from .backend import jobs as _jobs
 from .backend import protocol
 from .backend_link import BackendError, BackendLink, crash_hint, log_tail, sanitized_env, signal_name, stop_all
-from .selftest_job import SelftestJob
 
-__all__ = ["BackendClient", "JobInfo", "BackendError", "SelftestJob", "sanitized_env", "stop_all", "STATES",
-           "JOB_STATES"]
+__all__ = ["BackendClient", "JobInfo", "BackendError", "sanitized_env", "stop_all", "STATES", "JOB_STATES"]
 
 STATES = ("stopped", "starting", "loading", "ready", "busy", "stopping", "crashed")
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "lost")

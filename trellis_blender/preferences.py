@@ -12,7 +12,7 @@ import os
 import bpy
 from bpy.props import BoolProperty, CollectionProperty, EnumProperty, IntProperty, StringProperty
 
-from . import runtime, tasks
+from . import env_setup, model_folders, runtime, tasks
 from .ops_download import draw_download_box
 from .prefs_access import (ADDON, backend_task_ready, cache_dir, get_prefs, start_task_polling,  # noqa: F401
                            stop_task_polling)
@@ -51,7 +51,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         name="Environment folder", subtype="DIR_PATH",
         description="Where 'Create backend environment' makes the venv (empty: the extension's user folder)")
     torch_build: EnumProperty(
-        name="Torch build", default="AUTO", items=tasks.TORCH_BUILDS,
+        name="Torch build", default="AUTO", items=env_setup.TORCH_BUILDS,
         description="Which PyTorch build 'Create backend environment' installs (PyPI's torch is CPU-only "
                     "on Windows; NVIDIA drivers older than 580 need a CUDA 12 build)")
     torch_index_url: StringProperty(
@@ -142,7 +142,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         col.prop(self, "torch_build")
         if self.torch_build == "CUSTOM":
             col.prop(self, "torch_index_url")
-        col.label(text=tasks.torch_build_hint(self.torch_build), icon="INFO")
+        col.label(text=env_setup.torch_build_hint(self.torch_build), icon="INFO")
         for task in (runtime.env_task, runtime.selftest_task):
             if task is None:
                 continue
@@ -167,7 +167,7 @@ class TRELLIS_AddonPreferences(bpy.types.AddonPreferences):
         for prop, kind in (("model_dir", "trellis"), ("dinov3_dir", "dinov3"), ("rembg_dir", "rembg")):
             col = box.column(align=True)
             col.prop(self, prop)
-            icon, text = tasks.model_folder_status(bpy.path.abspath(getattr(self, prop)), kind)
+            icon, text = model_folders.model_folder_status(bpy.path.abspath(getattr(self, prop)), kind)
             col.label(text=text, icon=icon)
         draw_download_box(box, self)
 
@@ -204,7 +204,7 @@ class TRELLIS_OT_create_backend_env(bpy.types.Operator):
         ext_dir = runtime.extension_dir()
         log = cache_dir(prefs) / "logs" / "create_env.log"
         try:
-            task = tasks.create_env_task(env_dir, ext_dir, log, build=prefs.torch_build,
+            task = env_setup.create_env_task(env_dir, ext_dir, log, build=prefs.torch_build,
                                          custom_url=prefs.torch_index_url)
         except (FileNotFoundError, ValueError) as exc:
             self.report({"ERROR"}, str(exc))
@@ -214,7 +214,7 @@ class TRELLIS_OT_create_backend_env(bpy.types.Operator):
         except OSError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        prefs.backend_python = str(tasks.venv_python(env_dir))
+        prefs.backend_python = str(env_setup.venv_python(env_dir))
         if bpy.app.background:
             runtime.env_task.wait()
             ok = runtime.env_task.ok

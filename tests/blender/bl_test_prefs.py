@@ -63,12 +63,12 @@ def test_process_task_steps_log_and_failure(addon, tmp_path):
 
 
 def test_create_env_task_plan(addon, tmp_path):
-    tasks = addon_module(addon, "tasks")
+    env_setup = addon_module(addon, "env_setup")
     runtime = addon_module(addon, "runtime")
-    t = tasks.create_env_task(str(tmp_path / "env"), runtime.extension_dir(), tmp_path / "env.log", "python3")
+    t = env_setup.create_env_task(str(tmp_path / "env"), runtime.extension_dir(), tmp_path / "env.log", "python3")
     assert t.steps[0] == ["python3", "-m", "venv", str(tmp_path / "env")]
     req = runtime.extension_dir() / "backend" / "requirements.txt"
-    assert t.steps[-1] == [str(tasks.venv_python(str(tmp_path / "env"))), "-m", "pip", "install", "-r", str(req)]
+    assert t.steps[-1] == [str(env_setup.venv_python(str(tmp_path / "env"))), "-m", "pip", "install", "-r", str(req)]
     assert "torch==2.13.0" in req.read_text()  # the pinned backend requirements travel in the zip
     assert "PYTHONPATH" not in t.env
 
@@ -77,13 +77,13 @@ def test_torch_build_preference_draw_and_operator(addon, tmp_path, monkeypatch):
     """The torch-build enum and its custom URL are drawn (RNA-checked), and Create Backend Environment
     builds its plan with the chosen build; pip itself is swapped for a no-op step."""
     p = prefs(addon)
-    tasks = addon_module(addon, "tasks")
+    env_setup = addon_module(addon, "env_setup")
     runtime = addon_module(addon, "runtime")
     prop = type(p).bl_rna.properties["torch_build"]
     assert [i.identifier for i in prop.enum_items] == ["AUTO", "CU130", "CU128", "CU126", "CPU", "CUSTOM"]
     assert prop.default == "AUTO"
     plans = []
-    real = tasks.create_env_task
+    real = env_setup.create_env_task
 
     def recording(env_dir, ext_dir, log_path, base_python=None, build="AUTO", custom_url=""):
         task = real(env_dir, ext_dir, log_path, base_python, build=build, custom_url=custom_url)
@@ -91,7 +91,7 @@ def test_torch_build_preference_draw_and_operator(addon, tmp_path, monkeypatch):
         task.steps, task.step_titles = [[sys.executable, "-c", "pass"]], ("no-op",)
         return task
 
-    monkeypatch.setattr(tasks, "create_env_task", recording)
+    monkeypatch.setattr(env_setup, "create_env_task", recording)
     old = (p.torch_build, p.torch_index_url, p.env_dir, p.cache_dir, p.backend_python)
     try:
         p.torch_build, p.torch_index_url = "CUSTOM", "https://mirror.example.com/whl/cu129"
@@ -99,13 +99,13 @@ def test_torch_build_preference_draw_and_operator(addon, tmp_path, monkeypatch):
         layout = draw_panel(type(p), wrapped=p)
         drawn = [c["args"]["property"] for c in layout.calls if c["fn"] == "prop"]
         assert drawn.index("torch_index_url") == drawn.index("torch_build") + 1
-        assert tasks.torch_build_hint("CUSTOM") in layout.texts()
+        assert env_setup.torch_build_hint("CUSTOM") in layout.texts()
         assert bpy.ops.trellis.create_backend_env() == {"FINISHED"}
         build, steps, titles = plans[-1]
         assert build == "CUSTOM" and titles[2] == "install torch (custom index)"
         assert steps[2][-3:] == ["torch==2.13.0", "--index-url", "https://mirror.example.com/whl/cu129"]
         assert steps[-1][-2:] == ["-r", str(runtime.extension_dir() / "backend" / "requirements.txt")]
-        assert p.backend_python == str(tasks.venv_python(str(tmp_path / "env")))
+        assert p.backend_python == str(env_setup.venv_python(str(tmp_path / "env")))
 
         p.torch_build = "CU128"
         layout = draw_panel(type(p), wrapped=p)
@@ -125,13 +125,13 @@ def test_torch_build_preference_draw_and_operator(addon, tmp_path, monkeypatch):
 
 
 def test_model_folder_status(addon, tmp_path):
-    tasks = addon_module(addon, "tasks")
-    icon, text = tasks.model_folder_status(str(tmp_path / "missing"), "trellis", max_age=0)
+    folders = addon_module(addon, "model_folders")
+    icon, text = folders.model_folder_status(str(tmp_path / "missing"), "trellis", max_age=0)
     assert icon == "ERROR" and "not found" in text
     (tmp_path / "m").mkdir()
-    icon, text = tasks.model_folder_status(str(tmp_path / "m"), "trellis", max_age=0)
+    icon, text = folders.model_folder_status(str(tmp_path / "m"), "trellis", max_age=0)
     assert icon == "ERROR" and "pipeline.json" in text
-    icon, text = tasks.model_folder_status("", "rembg", max_age=0)
+    icon, text = folders.model_folder_status("", "rembg", max_age=0)
     assert icon == "INFO" and "skipped" in text
 
 
