@@ -1,4 +1,4 @@
-"""Add-on side client of the backend process: the job model over :class:`~.backend_link.BackendLink`
+"""Add-on side client of the backend process: jobs (:mod:`.job_model`) over :class:`~.backend_link.BackendLink`
 (stdlib + numpy; no bpy in this module).
 
 The backend runs in its own Python (with torch), started as::
@@ -43,9 +43,9 @@ Messages returned by :meth:`poll` (dicts; backend frames plus two synthetic type
 Client states (:attr:`BackendClient.state`): ``stopped`` (never started / stopped on purpose),
 ``starting`` (spawned, waiting for hello/status), ``loading``, ``ready``, ``busy``, ``stopping``,
 ``crashed`` (exited unexpectedly; :attr:`last_exit` holds the ``exited`` message). Any job request
-while ``stopped``/``crashed`` (re)starts the backend. Job states (:class:`JobInfo.state`): ``queued``,
-``running``, ``done``, ``failed``, ``cancelled``, ``lost`` (the backend died under it; Retry re-sends
-the job id, the backend reuses the inputs kept in its job folder).
+while ``stopped``/``crashed`` (re)starts the backend. Jobs (:class:`JobInfo`) are the one job model
+of :mod:`.job_model` (states ``queued``, ``running``, ``done``, ``failed``, ``cancelled``, ``lost``: the
+backend died under it; Retry re-sends the job id, the backend reuses the inputs kept in its job folder).
 
 Cancel: :meth:`cancel` sends ``cancel{job}``; if the job has not ended ``cancel_timeout`` seconds
 later, the next :meth:`poll` kills the whole process group (the ``exited`` message then has
@@ -57,45 +57,26 @@ from __future__ import annotations
 import os
 import queue
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from .backend import jobs as _jobs
 from .backend import protocol
 from .backend_link import BackendError, BackendLink, crash_hint, log_tail, sanitized_env, signal_name, stop_all
+from .job_model import JOB_STATES, JobState
 
 __all__ = ["BackendClient", "JobInfo", "BackendError", "sanitized_env", "stop_all", "STATES", "JOB_STATES"]
 
 STATES = ("stopped", "starting", "loading", "ready", "busy", "stopping", "crashed")
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled", "lost")
 
 
-@dataclass
-class JobInfo:
-    """What the client knows about one job (updated by :meth:`BackendClient.poll`)."""
-
-    id: str
-    kind: str
-    state: str = "queued"
-    stage: str | None = None
-    step: int = 0
-    total: int = 0
-    eta_s: float | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    finished: float | None = None
-    error: dict[str, Any] | None = None
-    result_meta: dict[str, Any] | None = None
-    folder: str | None = None
+class JobInfo(JobState):
+    """The client's view of one job (updated by :meth:`BackendClient.poll`)."""
 
     @property
-    def fraction(self) -> float:
-        """Progress of the current stage in [0, 1]."""
-        return min(1.0, self.step / self.total) if self.total else 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.state in ("queued", "running")
-
+    def error(self) -> dict[str, Any] | None:
+        """``{kind, message, advice}`` once the job failed (or was lost), else None."""
+        return {"kind": self.error_kind, "message": self.error_message, "advice": self.advice} \
+            if self.error_kind else None
 
 
 class BackendClient(BackendLink):
@@ -131,8 +112,7 @@ class BackendClient(BackendLink):
             self.start()
         self.jobs[job] = JobInfo(id=job, kind=msg["type"])
         if not self.send(msg):
-            self.jobs[job].state = "lost"
-            self.jobs[job].error = {"kind": "crashed", "message": "The backend is not accepting jobs."}
+            self.jobs[job].lose("The backend is not accepting jobs.")
         return job
 
     def generate(self, *, image: str | os.PathLike | None = None, image_png: bytes | None = None,
@@ -271,24 +251,14 @@ class BackendClient(BackendLink):
             self.info.update({k: v for k, v in msg.items() if k != "type"})
             if self.state not in ("stopping",):
                 self.state = msg.get("state", self.state)
-        elif t == "progress" and job is not None:
-            job.state, job.stage, job.step, job.total = "running", msg.get("stage"), msg.get("step", 0), msg.get("total", 0)
-            job.eta_s = msg.get("eta_s")
-        elif t == "result" and job is not None:
-            job.state, job.finished = "done", time.monotonic()
-            job.result_meta, job.folder = msg.get("meta"), msg.get("folder")
-            self._cancel_deadline.pop(job.id, None)
-        elif t == "cancelled" and job is not None:
-            job.state, job.finished = "cancelled", time.monotonic()
-            self._cancel_deadline.pop(job.id, None)
         elif t == "error":
             self.last_error = msg
-            if job is not None:
-                job.state, job.finished = "failed", time.monotonic()
-                job.error = {k: msg.get(k) for k in ("kind", "message", "advice")}
-                self._cancel_deadline.pop(job.id, None)
         elif t == "exited":
             return self._on_exit(msg)
+        if job is not None:
+            job.apply(msg)
+            if t in ("result", "error", "cancelled"):
+                self._cancel_deadline.pop(job.id, None)
         return [msg]
 
     def _on_exit(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -305,10 +275,7 @@ class BackendClient(BackendLink):
         out: list[dict[str, Any]] = []
         for j in lost:
             info = self.jobs[j]
-            cancelled = j in self._cancel_deadline
-            info.state = "cancelled" if (cancelled and killed) else "lost"
-            info.finished = time.monotonic()
-            info.error = {"kind": "crashed", "message": reason, "advice": exited["hint"]}
+            info.lose(reason, exited["hint"], cancelled=killed and j in self._cancel_deadline)
             if info.state == "cancelled":
                 out.append({"type": "cancelled", "job": j, "stage": info.stage, "step": info.step, "killed": True})
             else:

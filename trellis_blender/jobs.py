@@ -1,9 +1,10 @@
 """Job bookkeeping between the operators and the backend client (pure Python + numpy, no bpy).
 
-A :class:`JobManager` owns the backend client, sends job requests, and turns backend messages into
-per-job state (:class:`JobRecord`): progress (stage, step, ETA), result arrays, errors. Its
-:meth:`JobManager.poll` is a plain function: a Blender timer calls it in the UI, the blocking
-operators call it in a loop in background mode (timers never fire there), tests call it directly.
+A :class:`JobManager` owns the backend client, sends job requests, and applies backend messages to
+one :class:`JobRecord` per job (the job model of :mod:`.job_model` plus the request, the result
+message with its arrays, notes). Its :meth:`JobManager.poll` is a plain function: a Blender timer
+calls it in the UI, the blocking operators call it in a loop in background mode (timers never fire
+there), tests call it directly.
 No bpy here: applying a result to the scene is the operators' job.
 """
 
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import core
-from .backend.jobs import new_job_id
 from .backend.errors import HINTS
+from .backend.jobs import new_job_id
+from .job_model import JobState
 
 #: Advice per error kind: the one table in ``backend/errors.py`` (shared with the backend).
 ERROR_HINTS = HINTS
@@ -69,49 +71,45 @@ def format_eta(seconds: float) -> str:
 
 
 @dataclass
-class JobRecord:
-    """One job as the add-on sees it."""
+class JobRecord(JobState):
+    """One job as the add-on sees it: the job model plus what only the add-on keeps.
 
-    job_id: str
-    kind: str                      # generate | texture | upscale
+    ``status`` is the model's ``state`` in the add-on's words (a ``lost`` job reads ``failed``),
+    ``job_id`` its ``id``, ``error`` its ``error_message``.
+    """
+
     request: dict
     extra: dict = field(default_factory=dict)   # add-on side data (target object names, UVs, …)
-    status: str = "queued"         # queued | running | done | failed | cancelled
-    stage: str = ""
-    step: int = 0
-    total: int = 0
-    stage_index: int = 0
-    started: float = field(default_factory=time.monotonic)
-    stage_started: float = field(default_factory=time.monotonic)
-    finished: Optional[float] = None
     result: Optional[dict] = None  # the backend's result message (meta, arrays, folder)
-    error_kind: str = ""
-    error: str = ""
-    advice: str = ""
     applied: bool = False
-    eta_s: Optional[float] = None
-    stage_times: list = field(default_factory=list)   # [(stage, seconds)] of the finished stages
-    notes: list = field(default_factory=list)         # backend warnings that concern this job's result
+    notes: list = field(default_factory=list)   # backend warnings that concern this job's result
 
     @property
-    def done(self) -> bool:
-        return self.status in ("done", "failed", "cancelled")
+    def job_id(self) -> str:
+        return self.id
 
     @property
-    def duration(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
+    def status(self) -> str:
+        """queued | running | done | failed | cancelled"""
+        return "failed" if self.state == "lost" else self.state
 
-    def eta(self) -> float:
-        """Seconds left in the current stage (the backend's estimate, else linear in steps)."""
-        if self.eta_s is not None:
-            return float(self.eta_s)
-        if self.total <= 0 or self.step <= 0:
-            return 0.0
-        per = (time.monotonic() - self.stage_started) / self.step
-        return per * (self.total - self.step)
+    @status.setter
+    def status(self, value: str) -> None:
+        self.state = value
 
-    def fraction(self) -> float:
-        return 0.0 if self.total <= 0 else min(1.0, self.step / self.total)
+    @property
+    def error(self) -> str:
+        return self.error_message
+
+    @error.setter
+    def error(self, value: str) -> None:
+        self.error_message = value
+
+    def apply(self, msg: dict) -> None:
+        """:meth:`JobState.apply`, keeping the whole ``result`` message (arrays included)."""
+        super().apply(msg)
+        if msg.get("type") == "result":
+            self.result = msg
 
     def progress_text(self) -> str:
         if self.status == "queued":
@@ -182,23 +180,15 @@ class JobManager:
         msg["job"] = job_id
         rec = JobRecord(job_id, kind, {k: v for k, v in msg.items() if k != "arrays"}, extra or {})
         self.jobs[job_id] = rec
-        submit = getattr(client, "submit", None)
-        if callable(submit):
-            submit(msg)
-            info = getattr(client, "jobs", {}).get(job_id)
-            if info is not None and getattr(info, "state", "") == "lost":
-                end = time.monotonic() + 2.0   # collect the exit report (code, log hint) if it comes
-                while self.backend_state != "CRASHED" and time.monotonic() < end:
-                    if not self.poll():
-                        time.sleep(0.02)
-                rec.status, rec.error_kind, rec.finished = "failed", "crashed", time.monotonic()
-                rec.error = self.crash_message or (info.error or {}).get("message") or \
-                    "The backend is not accepting jobs"
-                rec.advice = ERROR_HINTS["crashed"]
-                self.last_error = rec
-        elif not client.send(msg):
-            rec.status, rec.error_kind, rec.error = "failed", "crashed", "The backend is not accepting jobs"
-            rec.finished = time.monotonic()
+        client.submit(msg)
+        info = client.jobs.get(job_id)
+        if info is not None and info.state == "lost":   # the backend is not accepting jobs
+            end = time.monotonic() + 2.0   # collect the exit report (code, log hint) if it comes
+            while self.backend_state != "CRASHED" and time.monotonic() < end:
+                if not self.poll():
+                    time.sleep(0.02)
+            rec.lose(self.crash_message or info.error_message or "The backend is not accepting jobs")
+            self.last_error = rec
         return rec
 
     def cancel(self, job_id: Optional[str] = None) -> None:
@@ -229,9 +219,7 @@ class JobManager:
         self.crash_message = text or f"Backend stopped (code {code})"
         for rec in self.jobs.values():
             if not rec.done:
-                rec.status, rec.error_kind, rec.finished = "failed", "crashed", time.monotonic()
-                rec.error = self.crash_message
-                rec.advice = ERROR_HINTS["crashed"]
+                rec.lose(self.crash_message)
                 self.last_error = rec
 
     def _handle(self, msg: dict) -> None:
@@ -265,29 +253,10 @@ class JobManager:
             if mtype == "error" and not msg.get("job"):
                 self.crash_message = str(msg.get("message", ""))
             return
-        elif mtype == "progress":
-            stage = str(msg.get("stage") or "")
-            if stage != rec.stage:
-                now = time.monotonic()
-                if rec.stage:
-                    rec.stage_times.append((rec.stage, now - rec.stage_started))
-                rec.stage, rec.stage_started = stage, now
-                rec.stage_index += 1
-            rec.status = "running"
-            rec.step, rec.total = int(msg.get("step") or 0), int(msg.get("total") or 0)
-            rec.eta_s = msg.get("eta_s")
-        elif mtype == "result":
-            rec.status, rec.result, rec.finished = "done", msg, time.monotonic()
-            if rec.stage:
-                rec.stage_times.append((rec.stage, rec.finished - rec.stage_started))
-        elif mtype == "error":
-            rec.status, rec.finished = "failed", time.monotonic()
-            rec.error_kind = str(msg.get("kind") or "internal")
-            rec.error = str(msg.get("message") or "Unknown error")
-            rec.advice = str(msg.get("advice") or ERROR_HINTS.get(rec.error_kind, ""))
-            self.last_error = rec
-        elif mtype == "cancelled":
-            rec.status, rec.finished = "cancelled", time.monotonic()
+        else:
+            rec.apply(msg)
+            if mtype == "error":
+                self.last_error = rec
 
     def wait(self, rec: JobRecord, timeout: float = 3600.0, interval: float = 0.02,
              on_progress: Optional[Callable[[JobRecord], None]] = None) -> JobRecord:
@@ -300,8 +269,7 @@ class JobManager:
                 on_progress(rec)
             if time.monotonic() > end:
                 self.cancel(rec.job_id)
-                rec.status, rec.error_kind, rec.error = "failed", "timeout", f"No result after {timeout:.0f} s"
-                rec.finished = time.monotonic()
+                rec.fail("timeout", f"No result after {timeout:.0f} s")
                 break
         return rec
 

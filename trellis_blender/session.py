@@ -85,10 +85,10 @@ def sync_state(wm=None) -> None:
     st.running = rec is not None
     if rec is not None:
         st.job_id, st.job_kind = rec.job_id, rec.kind
-        st.step, st.total, st.eta, st.stage_progress = rec.step, rec.total, rec.eta(), rec.fraction()
+        st.step, st.total, st.eta, st.stage_progress = rec.step, rec.total, rec.eta(), rec.fraction
         estimate = run_timings().estimate(core.RunTimings.key(rec.kind, rec.request)) if rec.status == "running" else None
         now = time.monotonic()
-        st.progress, left = core.overall_progress(rec.stage_times, rec.stage, rec.fraction(), now - rec.stage_started,
+        st.progress, left = core.overall_progress(rec.stage_times, rec.stage, rec.fraction, now - rec.stage_started,
                                                   rec.duration, estimate)
         st.job_eta = -1.0 if left is None else left
         text = rec.progress_text()
