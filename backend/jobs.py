@@ -178,10 +178,15 @@ class Job:
     def result_meta_path(self) -> Path:
         return self.root / "result" / "meta.json"
 
+    @property
+    def state_dir(self) -> Path:
+        """The stage latents kept for re-runs and upscales."""
+        return self.root / "state"
+
     def state_path(self, name: str) -> Path:
         if not valid_job_id(name):
             raise ValueError(f"bad state name {name!r}")
-        return self.root / "state" / f"{name}.npz"
+        return self.state_dir / f"{name}.npz"
 
     # metadata
     def meta(self) -> dict[str, Any]:

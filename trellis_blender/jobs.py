@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from . import core
 from .backend.errors import HINTS
-from .backend.jobs import new_job_id
+from .backend.jobs import Job, new_job_id
 from .job_model import JobState
 
 #: Advice per error kind: the one table in ``backend/errors.py`` (shared with the backend).
@@ -289,19 +289,20 @@ def read_history(jobs_root: Path, limit: int = 200) -> list[dict]:
         except (OSError, ValueError):
             continue
         folder = meta_path.parent
+        job = Job(folder)
         settings = meta.get("settings") or {}
         duration = 0.0
-        rmeta = folder / "result" / "meta.json"
+        rmeta = job.result_meta_path
         if rmeta.is_file():
             try:
                 duration = float(json.loads(rmeta.read_text(encoding="utf-8")).get("elapsed_s", 0.0))
             except (OSError, ValueError, TypeError):
                 pass
-        image = folder / "input" / "image.png"
+        image = job.image_path
         title = core.history_title(settings)
         if not title and meta.get("source_job"):   # an upscale: named after its source's image
             try:
-                src = json.loads((folder.parent / str(meta["source_job"]) / "job.json").read_text(encoding="utf-8"))
+                src = json.loads(Job(folder.parent / str(meta["source_job"])).meta_path.read_text(encoding="utf-8"))
                 title = core.history_title(src.get("settings") or {})
             except (OSError, ValueError, TypeError):
                 pass
@@ -313,7 +314,7 @@ def read_history(jobs_root: Path, limit: int = 200) -> list[dict]:
             "seed": int(settings.get("seed") or meta.get("seed") or 0), "duration": duration,
             "status": meta.get("status", ""), "image": str(image) if image.is_file() else "",
             "created": float(meta.get("created", 0.0) or 0.0), "folder": str(folder),
-            "has_result": (folder / "result" / "result.npz").is_file(),
+            "has_result": job.result_path.is_file(),
         })
     entries.sort(key=lambda d: d["created"], reverse=True)
     return entries[:limit]

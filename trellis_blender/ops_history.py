@@ -9,6 +9,7 @@ from bpy.props import BoolProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from . import jobs, mesh_import
+from .backend.jobs import Job
 from .ops_jobs import JobOperator, poll_common, regenerate
 from .scene_results import (OVOXEL_PROP, VoxelSource, _read_json, apply_generate, load_ovoxel_arrays,
                             load_voxel_source, voxel_source_path)
@@ -131,7 +132,7 @@ class TRELLIS_OT_history_reimport(bpy.types.Operator):
     @classmethod
     def poll(cls, context):
         item = _history_item(context)
-        if item is None or not os.path.isfile(os.path.join(item.folder, "result", "result.npz")):
+        if item is None or not Job(item.folder).result_path.is_file():
             cls.poll_message_set("Select a finished job with a stored result")
             return False
         return True
@@ -140,11 +141,11 @@ class TRELLIS_OT_history_reimport(bpy.types.Operator):
         item = _history_item(context)
         folder = item.folder
         try:
-            arrays, _ = load_ovoxel_arrays(os.path.join(folder, "result", "result.npz"))
+            arrays, _ = load_ovoxel_arrays(str(Job(folder).result_path))
             rec = jobs.JobRecord(item.name, item.kind or "generate",
                                  {"seed": item.seed, "pipeline_type": item.pipeline},
                                  {"name": item.name})
-            rec.result = {"arrays": arrays, "meta": _read_json(os.path.join(folder, "result", "meta.json")),
+            rec.result = {"arrays": arrays, "meta": _read_json(str(Job(folder).result_meta_path)),
                           "folder": folder}
             rec.status = "done"
             if rec.kind == "texture":

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import bpy
@@ -11,7 +10,8 @@ from bpy.props import BoolProperty, StringProperty
 
 from . import core
 from .ops_jobs import JobOperator, poll_common, regenerate
-from .preferences import cache_dir, get_prefs
+from .preferences import get_prefs
+from .prefs_access import job_folder
 from .properties import PIPELINES
 
 
@@ -27,11 +27,8 @@ def object_job_image(obj) -> Optional[str]:
     job = object_job(obj)
     if not job:
         return None
-    try:
-        path = os.path.join(str(cache_dir()), "jobs", job, "input", "image.png")
-    except Exception:   # no usable cache folder
-        return None
-    return path if os.path.isfile(path) else None
+    folder = job_folder(job)
+    return str(folder.image_path) if folder is not None and folder.image_path.is_file() else None
 
 
 def _needs_job_image(cls, context) -> bool:

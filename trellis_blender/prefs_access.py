@@ -11,6 +11,7 @@ from pathlib import Path
 import bpy
 
 from . import runtime
+from .backend.jobs import Job, JobStore
 
 ADDON = __package__
 
@@ -35,6 +36,19 @@ def cache_dir(prefs=None) -> Path:
             path = Path(tempfile.gettempdir()) / "trellis2_cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def job_store(prefs=None) -> JobStore:
+    """The job folders under the cache folder (their layout is ``backend.jobs``'s)."""
+    return JobStore(cache_dir(prefs))
+
+
+def job_folder(job_id: str) -> "Job | None":
+    """The folder of job ``job_id`` (None for an invalid id or no usable cache folder)."""
+    try:
+        return Job(job_store().path(str(job_id)))
+    except Exception:  # noqa: BLE001 - an invalid id, or no cache folder
+        return None
 
 
 def backend_task_ready(cls, context, task, busy: str) -> bool:

@@ -12,7 +12,7 @@ import bpy
 import numpy as np
 
 from . import cutout, jobs, materials, mesh_import, mesh_read, texture_objects, views
-from .preferences import cache_dir
+from .prefs_access import job_folder
 
 # --------------------------------------------------------------------------------------------------
 # applying results (scene edits; called inside UNDO operators)
@@ -203,9 +203,9 @@ def voxel_source_path(obj) -> Optional[str]:
         return str(path)
     job = obj.get("trellis2_job")
     if job:
-        result = os.path.join(str(cache_dir()), "jobs", str(job), "result", "result.npz")
-        if os.path.isfile(result):
-            return result
+        folder = job_folder(str(job))
+        if folder is not None and folder.result_path.is_file():
+            return str(folder.result_path)
     return None
 
 

@@ -13,7 +13,9 @@ import bpy
 import numpy as np
 
 from . import core, jobs, materials, runtime, scene_results, setup_check
+from .backend.jobs import Job
 from .preferences import cache_dir, get_prefs
+from .prefs_access import job_store
 
 JOB_TIMEOUT_S = 6 * 3600.0
 
@@ -178,11 +180,11 @@ def refresh_history(wm=None) -> None:
     wm = wm or bpy.context.window_manager
     st = wm.trellis2
     try:
-        entries = jobs.read_history(cache_dir() / "jobs")
+        entries = jobs.read_history(job_store().root)
     except Exception:
         entries = []
     for e in core.stale_jobs(entries, live_job_ids()):
-        if core.mark_failed(os.path.join(e["folder"], "job.json")):
+        if core.mark_failed(Job(e["folder"]).meta_path):
             e["status"], e["error"] = "failed", core.INTERRUPTED_MESSAGE
     st.history.clear()
     for e in entries:
