@@ -103,3 +103,24 @@ def test_vertex_colour_export_reads_back(tmp_path, with_mr):
         assert {"_METALLIC", "_ROUGHNESS"} <= set(gl["meshes"][0]["primitives"][0]["attributes"])
     else:
         assert mat["pbrMetallicRoughness"]["roughnessFactor"] == 0.8
+
+
+def test_split_corner_uvs_matches_the_unique_rows():
+    """Per-corner UVs → per-vertex: exactly numpy's unique rows of (vertex, u, v) rounded to 1e-7
+    (so seams split, shared corners merge, and -0.0 is 0.0)."""
+    from backend.pipelines.export import split_corner_uvs
+
+    rng = np.random.default_rng(7)
+    f = rng.integers(0, 40, size=(3000, 3))
+    uv = np.round(rng.uniform(-1, 2, size=(3000, 3, 2)), 1)
+    uv[0, 0], uv[1, 0] = (-0.0, 0.5), (0.0, 0.5 + 1e-9)
+    f[1, 0] = f[0, 0]
+    vmap, f2, uvv = split_corner_uvs(f, uv)
+    key = np.concatenate([f.reshape(-1, 1).astype(np.float64), np.round(uv.reshape(-1, 2), 7) + 0.0], 1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    np.testing.assert_array_equal(vmap, uniq[:, 0].astype(np.int64))
+    np.testing.assert_array_equal(uvv, uniq[:, 1:])
+    np.testing.assert_array_equal(f2.reshape(-1), inv.reshape(-1))
+    assert f2[0, 0] == f2[1, 0] and len(vmap) < f.size        # the two corners merged; duplicates merged
+    np.testing.assert_array_equal(vmap[f2], f)                  # every corner keeps its vertex
+    np.testing.assert_allclose(uvv[f2], np.round(uv, 7) + 0.0)  # ... and its UV

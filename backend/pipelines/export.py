@@ -27,10 +27,16 @@ def split_corner_uvs(faces: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.
     A vertex is duplicated once per distinct UV it has (seams), as glTF requires.
     """
     f = np.asarray(faces, np.int64).reshape(-1)
-    u = np.asarray(uv, np.float64).reshape(-1, 2)
-    key = np.concatenate([f[:, None].astype(np.float64), np.round(u, 7)], axis=1)
-    uniq, inv = np.unique(key, axis=0, return_inverse=True)
-    return uniq[:, 0].astype(np.int64), inv.reshape(-1, 3).astype(np.int64), uniq[:, 1:3]
+    u = np.round(np.asarray(uv, np.float64).reshape(-1, 2), 7) + 0.0   # + 0.0: -0.0 is 0.0
+    # the rows (vertex, u, v) in lexicographic order, then the first of each run of equal rows: the same
+    # result as np.unique(axis=0), ~10x faster (no structured-dtype sort)
+    order = np.lexsort((u[:, 1], u[:, 0], f))
+    fs, us = f[order], u[order]
+    first = np.ones(len(f), bool)
+    first[1:] = (fs[1:] != fs[:-1]) | (us[1:, 0] != us[:-1, 0]) | (us[1:, 1] != us[:-1, 1])
+    inv = np.empty(len(f), np.int64)
+    inv[order] = np.cumsum(first) - 1
+    return fs[first], inv.reshape(-1, 3), us[first]
 
 
 def write_glb(path: str | os.PathLike, vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray,
