@@ -97,6 +97,49 @@ def is_intact(path: Path, remote: RemoteFile) -> bool:
     return expected is None or file_digest(path, remote) == expected
 
 
+class VerifiedRecord:
+    """The files of one folder this tool has already hashed: ``name → [size, mtime_ns, hash]`` in
+    ``<folder>/.cache/trellis2-verified.json``. A file unchanged since (same size and modification time, to
+    the nanosecond) with the same published hash is not read again, so a re-run over 18 GB of weights
+    takes seconds, not a minute of hashing; any change to the file hashes it again."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / ".cache" / "trellis2-verified.json"
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            self.entries: dict[str, list] = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            self.entries = {}
+
+    @staticmethod
+    def _key(path: Path, remote: RemoteFile) -> Optional[list]:
+        expected = remote.sha256 or remote.blob_id
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, expected] if expected else None
+
+    def trusted(self, path: Path, remote: RemoteFile) -> bool:
+        """``path`` was hashed before, matched ``remote``'s hash, and has not changed since."""
+        key = self._key(path, remote)
+        return key is not None and key[0] == remote.size and self.entries.get(remote.name) == key
+
+    def add(self, path: Path, remote: RemoteFile) -> None:
+        """Remember that ``path`` (just hashed) matches ``remote``; written at once (a later failure keeps it)."""
+        key = self._key(path, remote)
+        if key is None:
+            return
+        self.entries[remote.name] = key
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass   # only a cache: the next run hashes again
+
+
 # --- errors -------------------------------------------------------------------------------------
 
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR,
@@ -307,18 +350,24 @@ def download(repos: Sequence[Repo], root: Path, reporter: Reporter, api=None) ->
     total_files = 0
     for repo, commit, files in listings:
         dest = Path(root) / repo.folder
+        record = VerifiedRecord(dest)
         for i, remote in enumerate(files, 1):
             where = dict(repo=repo.repo_id, file=remote.name, index=i, count=len(files))
+            if record.trusted(dest / remote.name, remote):
+                reporter.emit("verified", **where, total=remote.size, skipped=True, hashed=False)
+                continue
             if is_intact(dest / remote.name, remote):
-                reporter.emit("verified", **where, total=remote.size, skipped=True)
+                record.add(dest / remote.name, remote)
+                reporter.emit("verified", **where, total=remote.size, skipped=True, hashed=True)
                 continue
             reporter.progress(force=True, **where, done=0, total=remote.size)
             with _failing_as(repo):
                 dest.mkdir(parents=True, exist_ok=True)
                 fetch_file(repo, commit, dest, remote,
                            lambda n, w=where, t=remote.size: reporter.progress(**w, done=min(n, t), total=t))
+            record.add(dest / remote.name, remote)
             reporter.progress(force=True, **where, done=remote.size, total=remote.size)
-            reporter.emit("verified", **where, total=remote.size, skipped=False)
+            reporter.emit("verified", **where, total=remote.size, skipped=False, hashed=True)
         total_files += len(files)
         reporter.emit("repo_done", repo=repo.repo_id, folder=str(dest), files=len(files))
     reporter.emit("done", files=total_files)

@@ -159,6 +159,36 @@ def test_damaged_local_file_is_fetched_again(hub, tmp_path):
     assert len(hub.content_gets()) == 1
 
 
+def test_rerun_trusts_unchanged_files_without_hashing(hub, tmp_path):
+    """A file hashed once and unchanged since (size + mtime_ns) is not read again; any change, a lost or a
+    tampered record makes the next run hash it again."""
+    root = tmp_path / "models"
+    assert run_download(hub.url, root, "--what", "rembg")[0] == 0
+    folder = root / "BiRefNet"
+    record = folder / ".cache" / "trellis2-verified.json"
+    assert set(json.loads(record.read_text())) == {"config.json", "model.safetensors"}
+
+    def verified(*args: str) -> list[tuple[str, bool, bool]]:
+        code, events, out, err = run_download(hub.url, root, "--what", "rembg", *args)
+        assert code == 0, out + err
+        return [(e["file"], e["skipped"], e["hashed"]) for e in events if e["event"] == "verified"]
+
+    assert verified() == [("config.json", True, False), ("model.safetensors", True, False)]
+    weights = folder / "model.safetensors"
+    st = weights.stat()
+    weights.write_bytes(b"B" * 3999 + b"X")                  # same size, one byte off, written later
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    hub.requests.clear()
+    assert verified() == [("config.json", True, False), ("model.safetensors", False, True)]
+    assert weights.read_bytes() == b"B" * 4000 and len(hub.content_gets()) == 1
+    record.unlink()
+    assert verified() == [("config.json", True, True), ("model.safetensors", True, True)]
+    entries = json.loads(record.read_text())
+    entries["config.json"][2] = "0" * 40                      # a record that disagrees with the listing
+    record.write_text(json.dumps(entries))
+    assert verified()[0] == ("config.json", True, True)
+
+
 def test_corrupted_file_fails_verify_and_is_deleted(hub, tmp_path):
     root = tmp_path / "models"
     hub.corrupt.add("ZhengPeng7/BiRefNet/model.safetensors")
