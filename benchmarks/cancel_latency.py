@@ -57,13 +57,16 @@ class _Writer:
             return find()  # type: ignore[return-value]
 
 
-def _stub_pipeline_runner(tmp: Path, subdivisions: int):
+def stub_pipeline_runner(tmp: Path, subdivisions: int, resolution: int = 64):
+    """A real ``PipelineRunner`` over a stub pipeline whose ``generate`` returns an icosphere mesh and its
+    voxels at ``resolution``, so the export (unwrap in a child process, chunked bake) runs for real.
+    Returns ``(runner, face count)``. Shared with tests/test_server_robustness.py."""
     import trimesh
 
     m = trimesh.creation.icosphere(subdivisions=subdivisions)
     v = (np.asarray(m.vertices) * 0.45).astype(np.float32)
-    grid = np.unique(np.clip(((v + 0.5) * 64).astype(np.int32), 0, 63), axis=0)
-    res = types.SimpleNamespace(pipeline_type="512", seed=1, resolution=64, coords=grid,
+    grid = np.unique(np.clip(((v + 0.5) * resolution).astype(np.int32), 0, resolution - 1), axis=0)
+    res = types.SimpleNamespace(pipeline_type="512", seed=1, resolution=resolution, coords=grid,
                                 dual_vertices=np.zeros(grid.shape, np.float32), intersected=np.zeros(grid.shape, bool),
                                 split_weight=np.zeros((len(grid), 1), np.float32),
                                 attrs=np.random.default_rng(0).random((len(grid), 6), dtype=np.float32),
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
     rows.append(("sampler (0.25 s steps)", 0.25, lat))
 
     # unwrap / bake: the texture export of a generate job (stub pipeline, real export code)
-    runner, nf = _stub_pipeline_runner(tmp, args.faces)
+    runner, nf = stub_pipeline_runner(tmp, args.faces)
     srv, w = server(runner)
     base = {"type": "generate", "image": str(tmp / "big.png"), "output": "textures", "texture_size": args.texture,
             "preprocess": False}

@@ -148,7 +148,7 @@ def _tcp_backend(bc, tmp: Path, tls: bool):
             "--token-file", str(tmp / "token"), "--cache-dir", str(tmp / "cache-tcp"), "--log", str(tmp / "tcp.log")]
     cert = None
     if tls:
-        cert, key = _self_signed(tmp)
+        cert, key = self_signed_cert(tmp)
         argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
     server = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                               text=True)
@@ -157,7 +157,9 @@ def _tcp_backend(bc, tmp: Path, tls: bool):
     return server, rc.RemoteBackendClient("127.0.0.1", port, token, tls=tls, ca_file=cert, cache_dir=tmp / "cache-c")
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for ``localhost`` / ``127.0.0.1`` (needs ``cryptography``):
+    ``(cert.pem, key.pem)`` in ``folder``, the key private (0600). Shared with tests/test_remote_tcp.py."""
     import datetime
     import ipaddress
 
@@ -167,17 +169,21 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     from cryptography.x509.oid import NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trellis2-test")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True).sign(key, hashes.SHA256()))
-    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
-    return tmp / "cert.pem", tmp / "key.pem"
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = Path(folder) / "cert.pem", Path(folder) / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 def _round_trips(client, args) -> None:

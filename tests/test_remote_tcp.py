@@ -217,37 +217,11 @@ def test_remote_client_with_wrong_token_reports_a_refused_connection(server, rem
     assert _until(c, job)[-1]["type"] == "result"
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 / localhost, made with ``cryptography``."""
-    import datetime
-    import ipaddress
-
-    pytest.importorskip("cryptography")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trellis2-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
 def test_tls_with_a_self_signed_certificate(server, remote, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    pytest.importorskip("cryptography")
+    from benchmarks.protocol import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
     srv = server("--tls-cert", str(cert), "--tls-key", str(key))
     c = _started(remote(srv, tls=True, ca_file=cert))
     job = c.generate(seed=2, steps=2, n_vertices=2000)

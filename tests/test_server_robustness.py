@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import types as pytypes
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from backend import errors as E, jobs as J, server as S
+from benchmarks.cancel_latency import stub_pipeline_runner
 from backend.fake_runner import FakeRunner
 
 
@@ -228,35 +228,6 @@ def test_nan_in_fp32_is_not_called_a_precision_problem():
 # ------------------------------------------------------------------------- cancel in export phases
 
 
-def _stub_runner(tmp_path, faces: int):
-    """PipelineRunner over a stub pipeline whose generate returns a real sphere mesh + voxels, so the
-    export (unwrap in a child process, chunked bake) runs for real."""
-    import argparse
-
-    import trimesh
-
-    m = trimesh.creation.icosphere(subdivisions=faces)
-    v = (np.asarray(m.vertices) * 0.45).astype(np.float32)
-    grid = np.unique(np.clip(((v + 0.5) * 32).astype(np.int32), 0, 31), axis=0)
-    state = pytypes.SimpleNamespace(save=lambda folder: None)
-    res = pytypes.SimpleNamespace(pipeline_type="512", seed=1, resolution=32, coords=grid,
-                                  dual_vertices=np.zeros(grid.shape, np.float32),
-                                  intersected=np.zeros(grid.shape, bool),
-                                  split_weight=np.zeros((len(grid), 1), np.float32),
-                                  attrs=np.full((len(grid), 6), 0.5, np.float32), vertices=v,
-                                  faces=np.asarray(m.faces, np.int32), timings={}, peak_memory={}, state=state)
-
-    class Pipe:
-        max_num_tokens = 49152
-
-        def generate(self, image, **kw):
-            return res
-
-    runner = S.PipelineRunner(argparse.Namespace(model_dir=str(tmp_path), device="cpu", low_vram=False))
-    runner._pipe, runner._pipe_key = Pipe(), runner.settings_key({})
-    return runner
-
-
 @pytest.mark.parametrize("stage,step,extra", [("unwrap", 0, {}), ("bake", 2, {}),
                                               ("postprocess", 0, {"decimation_target": 300})])
 def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, monkeypatch, stage, step, extra):
@@ -272,7 +243,7 @@ def test_cancel_during_the_texture_export_of_a_generate_job(serve, tmp_path, mon
 
     monkeypatch.setattr(subprocess, "Popen", popen)
     monkeypatch.setattr("backend.pipelines.bake.BAKE_CHUNK", 1 << 12)   # several bake chunks at 128²
-    srv, w = serve(_stub_runner(tmp_path, 3))
+    srv, w = serve(stub_pipeline_runner(tmp_path, 3, resolution=32)[0])
 
     def at(msg):   # the cancel arrives exactly when the export reports (stage, step)
         if msg["type"] == "progress" and (msg["stage"], msg["step"]) == (stage, step):
