@@ -1,4 +1,5 @@
-"""Shared fixtures for the pipeline tests: one tiny checkpoint folder per session, test images."""
+"""Shared helpers for the pipeline tests: test images (the tiny checkpoints are the session fixture ``tiny_dir``
+in conftest.py)."""
 
 from __future__ import annotations
 

@@ -31,6 +31,15 @@ def golden_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Tiny random TRELLIS.2 checkpoints in the official layout (seed 0, with the tiny BiRefNet), written once
+    per session. Tests only read it; one that needs a broken or edited model folder copies it first."""
+    from backend.pipelines.tiny import write_tiny_pipeline
+
+    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "TRELLIS.2-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
 def staged_extension(tmp_path_factory) -> Path:
     """The extension staged by build.py into a temp folder; returns the extension folder.
 

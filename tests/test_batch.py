@@ -23,13 +23,6 @@ from backend.errors import BadInput
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from backend.pipelines.tiny import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "TRELLIS.2-tiny", seed=0)
-
-
 def _images(folder: Path, n_good: int, bad: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(n_good):

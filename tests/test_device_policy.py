@@ -21,13 +21,6 @@ from backend.pipelines import loader
 from backend.pipelines.pipeline import model_dtypes
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from backend.pipelines.tiny import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "TRELLIS.2-tiny", seed=0)
-
-
 @pytest.fixture
 def no_cuda(monkeypatch):
     """Every public ``torch.cuda`` function raises (and is recorded) if called."""

@@ -19,13 +19,6 @@ FAST = {k: {"steps": 3} for k in ("sparse_structure", "shape_slat", "tex_slat")}
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from backend.pipelines.tiny import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tinymv") / "m", seed=0)
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_dir):
     return load_pipeline(tiny_dir, device="cpu")
 

@@ -15,13 +15,6 @@ from _pipeline_helpers import object_rgba
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from backend.pipelines.tiny import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "TRELLIS.2-tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
 def pipe(tiny_dir):
     return load_pipeline(tiny_dir, device="cpu")
 

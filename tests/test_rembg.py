@@ -263,27 +263,20 @@ def test_background_policy(tiny_rembg, shared_dir):
         preprocess_with_info(photo, remover, "erase")
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory) -> Path:
-    from backend.pipelines.tiny import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("tinyrembg") / "m", seed=0)
-
-
-def test_generate_from_a_photo_with_the_tiny_remover(tiny_models, shared_dir, tmp_path):
+def test_generate_from_a_photo_with_the_tiny_remover(tiny_dir, shared_dir, tmp_path):
     from backend.pipelines import load_pipeline
 
     photo = cluttered_photo(shared_dir)
     fast = {k: {"steps": 2} for k in ("sparse_structure", "shape_slat", "tex_slat")}
-    plain = load_pipeline(tiny_models, device="cpu")
+    plain = load_pipeline(tiny_dir, device="cpu")
     with pytest.raises(BadInput, match="Background removal"):     # keyer only: refused before any model runs
         plain.generate(photo, "512", seed=1, stage_params=fast)
-    pipe = load_pipeline(tiny_models, device="cpu", rembg_dir=tiny_models / "birefnet")
+    pipe = load_pipeline(tiny_dir, device="cpu", rembg_dir=tiny_dir / "birefnet")
     stages = []
     res = pipe.generate(photo, "512", seed=1, stage_params=fast, progress=lambda s, *a: stages.append(s))
     assert res.preprocess_info["background"] == "model" and stages[0] == "preprocess"
     assert len(res.faces) > 0 and len(res.vertices) > 0
-    expect, _ = preprocess_with_info(photo, BiRefNetRemover.from_folder(tiny_models / "birefnet"))
+    expect, _ = preprocess_with_info(photo, BiRefNetRemover.from_folder(tiny_dir / "birefnet"))
     assert np.array_equal(res.state.image, np.asarray(expect))      # the model saw the BiRefNet cut-out
     # cancel between preprocessing and the flows
     import threading
@@ -297,21 +290,21 @@ def test_generate_from_a_photo_with_the_tiny_remover(tiny_models, shared_dir, tm
     with pytest.raises(Cancelled):
         pipe.generate(photo, "512", seed=1, stage_params=fast, progress=cancel_after_preprocess, cancel=ev)
     with pytest.raises(MissingWeights, match="model.safetensors"):
-        load_pipeline(tiny_models, device="cpu", rembg_dir=tmp_path / "nowhere")
+        load_pipeline(tiny_dir, device="cpu", rembg_dir=tmp_path / "nowhere")
 
 
-def test_cli_background_flags(tiny_models, shared_dir, tmp_path, capsys):
+def test_cli_background_flags(tiny_dir, shared_dir, tmp_path, capsys):
     from backend.cli import main
 
     src = tmp_path / "photo.jpg"
     Image.fromarray(cluttered_photo(shared_dir)).save(src, quality=92)
-    base = ["generate", str(src), "--model", str(tiny_models), "--pipeline", "512", "--device", "cpu", "-q",
+    base = ["generate", str(src), "--model", str(tiny_dir), "--pipeline", "512", "--device", "cpu", "-q",
             "--texture-size", "32", "--sparse-structure-steps", "2", "--shape-slat-steps", "2", "--tex-slat-steps", "2"]
     assert main(base + ["-o", str(tmp_path / "never.glb")]) == 1
     err = capsys.readouterr().err
     assert "Background removal" in err and "Traceback" not in err and not (tmp_path / "never.glb").exists()
     out = tmp_path / "o.glb"
-    assert main(base + ["-o", str(out), "--rembg-model", str(tiny_models / "birefnet")]) == 0 and out.is_file()
+    assert main(base + ["-o", str(out), "--rembg-model", str(tiny_dir / "birefnet")]) == 0 and out.is_file()
     assert "cut-out: the background-removal model" in capsys.readouterr().err
     assert main(base + ["-o", str(tmp_path / "k.glb"), "--background", "keep"]) == 0
 
@@ -332,7 +325,7 @@ def test_tiny_file_layout(tiny_rembg):
     assert set(read_safetensors_header(path)) == set(header) - set(UNUSED_KEYS)
 
 
-def test_device_dtype_policy_and_low_vram_wiring(tiny_models, shared_dir, monkeypatch):
+def test_device_dtype_policy_and_low_vram_wiring(tiny_dir, shared_dir, monkeypatch):
     """fp32 on CPU; fp16/bf16 on GPUs per the precision setting; the model is borrowed through the model
     manager's ``use`` (which parks it back on the CPU in low-VRAM mode before the flows load)."""
     import contextlib
@@ -345,7 +338,7 @@ def test_device_dtype_policy_and_low_vram_wiring(tiny_models, shared_dir, monkey
     assert remover_dtype("auto", cpu) == remover_dtype("bf16", cpu) == torch.float32
     assert remover_dtype("auto", cuda) == remover_dtype("fp16", cuda) == torch.float16
     assert remover_dtype("bf16", cuda) == torch.bfloat16 and remover_dtype("fp32", cuda) == torch.float32
-    pipe = load_pipeline(tiny_models, device="cpu", rembg_dir=tiny_models / "birefnet")
+    pipe = load_pipeline(tiny_dir, device="cpu", rembg_dir=tiny_dir / "birefnet")
     used = []
     real_use = pipe.models.use
 
@@ -361,7 +354,7 @@ def test_device_dtype_policy_and_low_vram_wiring(tiny_models, shared_dir, monkey
     assert next(pipe.models.get(REMBG_KEY).parameters()).dtype == torch.float32
 
 
-def test_damaged_or_foreign_remover_weights_are_missing_weights(tiny_models, shared_dir, tmp_path):
+def test_damaged_or_foreign_remover_weights_are_missing_weights(tiny_dir, shared_dir, tmp_path):
     """A truncated or mismatched BiRefNet file fails as missing_weights naming the file / keys, at first use."""
     import shutil
 
@@ -369,14 +362,14 @@ def test_damaged_or_foreign_remover_weights_are_missing_weights(tiny_models, sha
 
     photo = cluttered_photo(shared_dir)
     bad = tmp_path / "truncated"
-    shutil.copytree(tiny_models / "birefnet", bad)
+    shutil.copytree(tiny_dir / "birefnet", bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    pipe = load_pipeline(tiny_models, device="cpu", rembg_dir=bad)
+    pipe = load_pipeline(tiny_dir, device="cpu", rembg_dir=bad)
     with pytest.raises(MissingWeights, match="truncated") as ei:
         pipe.cut_out(photo)
     assert str(bad / "model.safetensors") in ei.value.missing
-    foreign = _rewrite(tiny_models / "birefnet", tmp_path / "foreign",
+    foreign = _rewrite(tiny_dir / "birefnet", tmp_path / "foreign",
                        lambda sd: sd.pop("decoder.gdt_convs_attn_3.0.weight"))
     with pytest.raises(MissingWeights, match="gdt_convs_attn_3.0.weight"):
-        load_pipeline(tiny_models, device="cpu", rembg_dir=foreign).cut_out(photo)
+        load_pipeline(tiny_dir, device="cpu", rembg_dir=foreign).cut_out(photo)
