@@ -7,7 +7,10 @@ Every error a user can cause or fix carries a human-readable message (``str(err)
 
 from __future__ import annotations
 
-__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "NumericalError", "Cancelled", "HINTS"]
+import os
+
+__all__ = ["Trellis2Error", "BadInput", "MissingWeights", "OutOfMemory", "NumericalError", "Cancelled", "HINTS",
+           "read_log_tail"]
 
 #: The one table of what to do about each error kind (the protocol's ``kind``), used for the typed
 #: errors' default advice here and by the add-on (``jobs.ERROR_HINTS``) when a frame brings none or
@@ -111,3 +114,18 @@ class Cancelled(Trellis2Error):
     def __init__(self, message: str = "Cancelled.", *, stage: str | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+def read_log_tail(path: str | os.PathLike | None, lines: int = 30) -> list[str]:
+    """The last ``lines`` lines of a log file (reads at most its last 64 KiB): what error reports carry
+    (the server's ``log_tail``, the add-on's crash report and its helper-process boxes)."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))
+            data = fh.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]

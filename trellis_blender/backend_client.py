@@ -61,7 +61,8 @@ from typing import Any, Callable, Mapping
 
 from .backend import jobs as _jobs
 from .backend import protocol
-from .backend_link import BackendError, BackendLink, crash_hint, log_tail, sanitized_env, signal_name, stop_all
+from .backend.errors import read_log_tail
+from .backend_link import BackendError, BackendLink, crash_hint, sanitized_env, signal_name, stop_all
 from .job_model import JOB_STATES, JobState
 
 __all__ = ["BackendClient", "JobInfo", "BackendError", "sanitized_env", "stop_all", "STATES", "JOB_STATES"]
@@ -263,7 +264,7 @@ class BackendClient(BackendLink):
 
     def _on_exit(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
         rc = msg.get("rc")
-        lines = log_tail(self.log_path)
+        lines = read_log_tail(self.log_path)
         killed = self._kill_reason is not None
         expected = self._expect_exit
         lost = [j for j, info in self.jobs.items() if info.active]
@@ -290,7 +291,7 @@ class BackendClient(BackendLink):
     # ------------------------------------------------------------------ helpers
     def log_tail(self, lines: int = 30) -> list[str]:
         """The last lines of the backend log file."""
-        return log_tail(self.log_path, lines)
+        return read_log_tail(self.log_path, lines)
 
     def active_jobs(self) -> list[JobInfo]:
         return [j for j in self.jobs.values() if j.active]

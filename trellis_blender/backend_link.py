@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 from .backend import protocol
 from .backend.errors import HINTS
 
-__all__ = ["BackendLink", "BackendError", "sanitized_env", "signal_name", "log_tail", "crash_hint", "stop_all"]
+__all__ = ["BackendLink", "BackendError", "sanitized_env", "signal_name", "crash_hint", "stop_all"]
 
 _DROP_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "PYTHONINSPECT",
              "PYTHONSAFEPATH", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
@@ -58,19 +58,6 @@ def signal_name(rc: int | None) -> str | None:
         return signal.Signals(-rc).name
     except ValueError:
         return f"signal {-rc}"
-
-
-def log_tail(path: Path | None, lines: int = 30) -> list[str]:
-    if path is None:
-        return []
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 65536))
-            data = fh.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
 def crash_hint(lines: Iterable[str]) -> str | None:

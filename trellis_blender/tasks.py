@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+from .backend.errors import read_log_tail
 from .backend.download import MODEL_REPOS, REMBG_REPO, repos_for  # noqa: F401  (the one repository table)
 
 def clean_env(extra_pythonpath: Optional[str] = None) -> dict[str, str]:
@@ -181,11 +182,8 @@ class ProcessTask:
             self._finish(-9)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = Path(self.log_path).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        """The last ``lines`` lines of the log (its last 64 KiB at most)."""
+        return "\n".join(read_log_tail(self.log_path, lines))
 
 
 def selftest_task(python: str, ext_dir: Path, log_path: Path, out_path: Path,

@@ -28,7 +28,7 @@ pipelines, :class:`backend.fake_runner.FakeRunner` for tests): ``describe()``, `
 
 The package, one job a module: :mod:`.context` (:class:`JobContext`, the :class:`Runner` protocol),
 :mod:`.runner` (:class:`PipelineRunner`, :func:`make_runner`), :mod:`.classify` (error kinds),
-:mod:`.logs` (log handlers, :func:`read_log_tail`), :mod:`.loop` (:class:`Server`), :mod:`.jobs_io`
+:mod:`.logs` (log handlers; the log-tail reader is ``backend.errors.read_log_tail``), :mod:`.loop` (:class:`Server`), :mod:`.jobs_io`
 (opening and running one job), :mod:`.process` (:func:`serve`, :func:`serve_tcp`, stdio protection)
 and :mod:`.cli` (:func:`register`, :func:`make_token`).
 """
@@ -38,7 +38,7 @@ from __future__ import annotations
 from .classify import classify_error
 from .cli import make_token, register
 from .context import JobContext, Runner
-from .logs import read_log_tail
+from ..errors import read_log_tail
 from .loop import Server
 from .process import protect_stdio, serve, serve_tcp, set_parent_death_signal
 from .runner import PipelineRunner, background_policy, make_runner

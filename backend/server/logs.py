@@ -54,21 +54,6 @@ class _ForwardHandler(logging.Handler):
             self._local.busy = False
 
 
-def read_log_tail(path: str | os.PathLike | None, lines: int = _LOG_TAIL_LINES) -> list[str]:
-    """The last ``lines`` lines of a log file (reads at most the last 64 KiB)."""
-    if not path:
-        return []
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            data = fh.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", "replace").splitlines()[-lines:]
-
-
 def _setup_logging(log_file: str | None, verbose: bool) -> _TailHandler:
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from .. import protocol as proto
 from ..validation import validate_request
 from .context import JobContext, Runner
 from .jobs_io import _remote_request, run_job
-from .logs import _LOG_TAIL_LINES, _TailHandler, read_log_tail
+from ..errors import read_log_tail
+from .logs import _LOG_TAIL_LINES, _TailHandler
 
 log = logging.getLogger("backend.server")
 
