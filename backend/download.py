@@ -155,7 +155,6 @@ def classify(exc: BaseException, repo: str) -> DownloadError:
     """Turn any exception of a download into a :class:`DownloadError` (no traceback, no token)."""
     if isinstance(exc, DownloadError):
         return exc
-    import requests
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
