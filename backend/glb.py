@@ -46,8 +46,13 @@ class GlbBuilder:
         return len(self.gltf["bufferViews"]) - 1
 
     def accessor(self, arr: np.ndarray, target: int = ARRAY_BUFFER, *, minmax: bool = False) -> int:
-        """An accessor over ``arr`` ([N] or [N, 1..4]; float32 / uint8 / uint16 / uint32)."""
+        """An accessor over ``arr`` ([N] or [N, 1..4]; float32 / uint8 / uint16 / uint32); ``ValueError`` for an
+        empty array or non-finite floats (invalid glTF) before anything is written."""
         arr = np.ascontiguousarray(arr)
+        if arr.shape[0] == 0:
+            raise ValueError("nothing to write: glTF accessors cannot be empty (a mesh without vertices or faces)")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError("the mesh has NaN or infinite values: not valid glTF")
         width = 1 if arr.ndim == 1 else arr.shape[1]
         acc: dict[str, Any] = {"bufferView": self._view(arr.tobytes(), target),
                                "componentType": _COMPONENT[arr.dtype], "count": int(arr.shape[0]),
@@ -89,7 +94,7 @@ class GlbBuilder:
         blob = b"".join(self._chunks)
         gl = {"asset": {"version": "2.0", "generator": self.generator}, **self.gltf,
               "buffers": [{"byteLength": len(blob)}]}
-        js = json.dumps(gl, separators=(",", ":")).encode("utf-8")
+        js = json.dumps(gl, separators=(",", ":"), allow_nan=False).encode("utf-8")
         js += b" " * ((4 - len(js) % 4) % 4)
         head = struct.pack("<4sII", b"glTF", 2, 12 + 8 + len(js) + 8 + len(blob))
         return b"".join((head, struct.pack("<II", len(js), 0x4E4F534A), js,

@@ -124,3 +124,18 @@ def test_split_corner_uvs_matches_the_unique_rows():
     assert f2[0, 0] == f2[1, 0] and len(vmap) < f.size        # the two corners merged; duplicates merged
     np.testing.assert_array_equal(vmap[f2], f)                  # every corner keeps its vertex
     np.testing.assert_allclose(uvv[f2], np.round(uv, 7) + 0.0)  # ... and its UV
+
+
+def test_empty_or_non_finite_meshes_are_refused_before_writing(tmp_path):
+    """Both would be invalid glTF (empty accessors, NaN in the JSON): a clear error and no file."""
+    with pytest.raises(ValueError, match="nothing to write"):
+        save_mesh(tmp_path / "e.glb", np.zeros((0, 3)), np.zeros((0, 3), int))
+    v = np.array([[0, 0, 0], [1, 0, 0], [0, np.nan, 0]], np.float32)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        save_mesh(tmp_path / "n.glb", v, np.array([[0, 1, 2]]))
+    uv = np.zeros((1, 3, 2), np.float32)
+    uv[0, 1, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        write_glb(tmp_path / "t.glb", v[[0, 1, 0]], np.array([[0, 1, 2]]), uv, np.zeros((4, 4, 4), np.uint8),
+                  np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
