@@ -102,7 +102,9 @@ def remote(bc, tmp_path):
 
 def _started(c):
     c.start()
-    c.wait_for(lambda m: m["type"] == "status" and m["state"] == "ready", 20)
+    # status frames are broadcast: a server still winding down another connection's jobs may say busy right
+    # after ready in the same poll, so wait for a ready that leaves the client ready
+    c.wait_for(lambda m: m["type"] == "status" and m["state"] == "ready" and c.state == "ready", 20)
     assert c.state == "ready" and c.hello.get("remote") is True
     return c
 
